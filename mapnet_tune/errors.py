@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, file, option, server) and how to fix it.
+
+    The CLI prints the message on one line and exits with status 2, without a traceback.
+    The message must name the offending file, option or server and say what to do.
+    """
