@@ -1,0 +1,175 @@
+"""The ``mapnet-tune`` command line. Each command parses options and calls one function."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from mapnet_tune.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a UserError into one line on stderr and exit status 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished trials are kept; run the same command to resume",
+                       err=True)
+            ctx.exit(130)
+
+
+def _duration(value: str | None) -> float | None:
+    """Seconds from '90', '90s', '30m', '2h' or '1h30m'."""
+    if value is None:
+        return None
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*"
+                         r"(?:(\d+(?:\.\d+)?)s?)?\s*", value)
+    if not value.strip() or parts is None:
+        raise UserError(f"--timeout '{value}' is not a duration; use e.g. 600, 30m, 2h or 1h30m")
+    h, m, s = (float(p) if p else 0.0 for p in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="mapnet-tune")
+def main() -> None:
+    """Hyperparameter search and experiment tracking for MAP-Net segmentation."""
+
+
+@main.command()
+@click.option("--dataset", required=True, help="drive, isic, lung, synthetic or folder.")
+@click.option("--source", type=click.Path(), help="The dataset folder in its official layout.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A preprocessing option, e.g. input_mode=rgb (repeatable).")
+def prepare(dataset: str, source: str | None, options: tuple[str, ...]) -> None:
+    """Validate, preprocess and cache a dataset; print its card."""
+    from mapnet_tune.data import prepare as prepare_dataset
+    from mapnet_tune.data import remember_source
+
+    parsed = _options(options)
+    data = prepare_dataset(dataset, source, parsed)
+    if source:
+        remember_source(dataset, source)
+    click.echo(data.card())
+
+
+def _options(pairs: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--option '{pair}' must look like KEY=VALUE, e.g. input_mode=rgb")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@main.command()
+@click.option("--dataset", help="Dataset whose shipped study file to use (studies/NAME.yaml).")
+@click.option("--config", "config_path", type=click.Path(), help="A study file.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Total finished trials the study should reach, across all workers.")
+@click.option("--study", "study_name", help="Study name (default from the dataset and file).")
+@click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE; "
+                                "default sqlite:///optuna.db].")
+@click.option("--tracking-uri", help="MLflow tracking URI [env MLFLOW_TRACKING_URI; "
+                                     "default sqlite:///mlflow.db].")
+@click.option("--timeout", help="Stop starting trials after this long, e.g. 30m or 2h.")
+@click.option("--enqueue", type=click.Path(path_type=Path),
+              help="YAML from export-best: try these parameters first.")
+@click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
+@click.option("--device", help="torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+def search(dataset: str | None, config_path: str | None, trials: int, study_name: str | None,
+           storage: str | None, tracking_uri: str | None, timeout: str | None,
+           enqueue: Path | None, source: str | None, device: str | None) -> None:
+    """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow."""
+    from mapnet_tune import search as s
+    from mapnet_tune.config import default_study_file, load_study
+
+    if not dataset and not config_path:
+        raise UserError("search needs --dataset NAME or --config FILE")
+    study_cfg = load_study(config_path or default_study_file(dataset))
+    if dataset and dataset != study_cfg.dataset.name:
+        raise UserError(f"--dataset {dataset} does not match dataset.name "
+                        f"'{study_cfg.dataset.name}' in {study_cfg.path}; drop one of them")
+    req = s.SearchRequest(study=study_cfg, study_name=study_name or s.default_study_name(study_cfg),
+                          storage=s.resolve_storage(storage), tracking_uri=tracking_uri,
+                          trials=trials, timeout_s=_duration(timeout), enqueue=enqueue,
+                          source=source, device=device)
+    study = s.run_search(req)
+    click.echo(s.trials_table(study))
+    from mapnet_tune.tracking import Tracker
+
+    click.echo(f"\nBrowse the runs: {Tracker(tracking_uri).ui_command()}")
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, help="Study name.")
+@click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+def status(study_name: str, storage: str | None, top: int) -> None:
+    """Print the best trials of a study."""
+    from mapnet_tune import search as s
+
+    click.echo(s.trials_table(s.load_existing_study(storage, study_name), top))
+
+
+@main.command("export-best")
+@click.option("--study", "study_name", required=True, help="Study name.")
+@click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+def export_best(study_name: str, storage: str | None, top: int, out: Path | None) -> None:
+    """Write the best parameters as YAML (search --enqueue reads it back)."""
+    from mapnet_tune import search as s
+
+    text = s.export_best(s.load_existing_study(storage, study_name), top)
+    if out:
+        out.write_text(text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.option("--tracking-uri", help="MLflow store [env MLFLOW_TRACKING_URI].")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(tracking_uri: str | None, host: str, port: int) -> None:
+    """Start the MLflow UI on the configured store."""
+    from mapnet_tune.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    click.echo(f"MLflow UI for {tracker.uri} at http://{host}:{port} (Ctrl-C stops it)")
+    sys.exit(tracker.serve_ui(host, port))
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(), required=True, help="A mapnet-tune .pt file.")
+@click.option("--dataset", required=True)
+@click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--protocol", type=click.Choice(["full-image", "sliding-window"]),
+              help="Default: the one the model was trained for.")
+@click.option("--stride", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Sliding-window stride (5 is the published protocol).")
+@click.option("--device", help="torch device (default: cuda if present).")
+def evaluate(checkpoint: str, dataset: str, source: str | None, split: str,
+             protocol: str | None, stride: int, device: str | None) -> None:
+    """Score a model on a dataset split; one row in the published tables' order."""
+    from mapnet_tune.evaluation import evaluate_checkpoint
+
+    click.echo(evaluate_checkpoint(checkpoint, dataset, source, split, protocol, stride, device))
+
+
+if __name__ == "__main__":
+    main()

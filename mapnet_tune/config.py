@@ -1,0 +1,377 @@
+"""Study files (``studies/*.yaml``) parsed once into frozen, validated config objects.
+
+A study file is data, never code: it is read with ``yaml.safe_load`` and every key is
+checked against the schema below, so a typo fails at start with the key's name instead of
+silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mapnet_tune.errors import UserError
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+#: Hyperparameters a study may search or fix, with the value used when a file leaves one out.
+#: Augmentation defaults to off so that a study only augments what it asks for.
+HYPERPARAMETERS: dict[str, float | int] = {
+    "lr": 1e-3,
+    "batch_size": 4,
+    "pos_weight": 1.0,
+    "flip_p": 0.0,
+    "rot90_p": 0.0,
+    "hue_shift": 0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+}
+EVAL_PROTOCOLS = ("patches", "full-image", "sliding-window")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("hyperband", "median", "none")
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which dataset a study trains on and how it is prepared."""
+
+    name: str
+    source: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MAP-Net construction options (width 1.0 is the faithful model)."""
+
+    width: float = 1.0
+    head_interpolation: str = "legacy"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fixed training and validation settings shared by every trial of a study."""
+
+    epochs: int = 10
+    max_minutes: float | None = None
+    steps_per_epoch: int | None = None
+    eval_protocol: str = "full-image"
+    eval_stride: int = 16
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The metric Optuna optimises and its direction."""
+
+    metric: str = "val/iou"
+    direction: str = "maximize"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Optuna sampler; the seed makes a study's suggestions reproducible."""
+
+    name: str = "tpe"
+    seed: int = 0
+    n_startup_trials: int = 10
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """Optuna pruner. Resources are epochs."""
+
+    name: str = "hyperband"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    n_warmup_steps: int = 1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One hyperparameter: either a fixed value or a range/choices to sample from."""
+
+    name: str
+    kind: str  # "fixed", "float", "int" or "categorical"
+    value: float | int | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def searched(self) -> bool:
+        """True when trials sample this parameter."""
+        return self.kind != "fixed"
+
+    def can_be_nonzero(self) -> bool:
+        """True when some trial could use a non-zero value (used to reject hue on grey)."""
+        if self.kind == "fixed":
+            return bool(self.value)
+        if self.kind == "categorical":
+            return any(bool(c) for c in self.choices)
+        return bool(self.low) or bool(self.high)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How retrain-best trains the chosen configurations at full resolution."""
+
+    epochs: int = 20
+    patch_size: int | None = None
+    patches_per_image: int | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    eval_protocol: str = "full-image"
+    eval_stride: int = 16
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study file, validated."""
+
+    path: str
+    dataset: DatasetConfig
+    model: ModelConfig
+    train: TrainConfig
+    objective: ObjectiveConfig
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    space: tuple[ParamSpec, ...]
+    retrain: RetrainConfig
+
+    def param(self, name: str) -> ParamSpec:
+        """The spec of one hyperparameter by name."""
+        return next(p for p in self.space if p.name == name)
+
+    def fixed_settings(self) -> dict[str, Any]:
+        """Every non-sampled setting, flattened to ``section.key`` for logging."""
+        out: dict[str, Any] = {"dataset.name": self.dataset.name}
+        for key, value in sorted(self.dataset.options.items()):
+            out[f"dataset.{key}"] = value
+        for section in ("model", "train", "objective", "sampler", "pruner"):
+            for key, value in asdict(getattr(self, section)).items():
+                out[f"{section}.{key}"] = value
+        for p in self.space:
+            if not p.searched:
+                out[f"fixed.{p.name}"] = p.value
+        return out
+
+    def digest(self) -> str:
+        """A short hash of everything that makes trials comparable (not the file's path)."""
+        payload = {k: v for k, v in asdict(self).items() if k != "path"}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _where(path: str, key: str) -> str:
+    return f"study file {path}: key '{key}'"
+
+
+def _check_keys(path: str, prefix: str, raw: dict, allowed: set[str]) -> None:
+    if not isinstance(raw, dict):
+        raise UserError(f"{_where(path, prefix)} must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(
+            f"{_where(path, key)} is not a known setting; valid keys here: "
+            f"{', '.join(sorted(allowed))}"
+        )
+
+
+def _typed(path: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    # bool is an int in Python; a YAML `true` where a number belongs is a mistake.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise UserError(f"{_where(path, key)} must be {_kind_name(kind)}, got {value!r}")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, kind):
+        raise UserError(f"{_where(path, key)} must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string",
+                        bool: "true/false", dict: "a mapping", list: "a list",
+                        type(None): "null"}[k] for k in kinds)
+
+
+def _section(path: str, name: str, raw: dict, cls: type, types: dict[str, Any]):
+    _check_keys(path, name, raw, set(types))
+    values = {k: _typed(path, f"{name}.{k}", v, types[k]) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _choice(path: str, key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{_where(path, key)} is '{value}'; valid values: {', '.join(valid)}")
+
+
+def _positive(path: str, key: str, value: float | int | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{_where(path, key)} must be positive, got {value}")
+
+
+def _param(path: str, name: str, raw: Any) -> ParamSpec:
+    key = f"search_space.{name}"
+    if not isinstance(raw, dict):
+        value = _typed(path, key, raw, (int, float))
+        return ParamSpec(name=name, kind="fixed", value=value)
+    if "choices" in raw:
+        _check_keys(path, key, raw, {"choices"})
+        choices = _typed(path, f"{key}.choices", raw["choices"], list)
+        if not choices:
+            raise UserError(f"{_where(path, key + '.choices')} is an empty list; give at least one")
+        for c in choices:
+            _typed(path, f"{key}.choices", c, (int, float))
+        return ParamSpec(name=name, kind="categorical", choices=tuple(choices))
+    _check_keys(path, key, raw, {"low", "high", "log", "int"})
+    for needed in ("low", "high"):
+        if needed not in raw:
+            raise UserError(f"{_where(path, key)} needs '{needed}' (or 'choices')")
+    is_int = _typed(path, f"{key}.int", raw.get("int", False), bool)
+    kind_type = int if is_int else float
+    low = _typed(path, f"{key}.low", raw["low"], kind_type)
+    high = _typed(path, f"{key}.high", raw["high"], kind_type)
+    log = _typed(path, f"{key}.log", raw.get("log", False), bool)
+    if not low < high:
+        raise UserError(f"{_where(path, key)} is an empty range: low {low} must be below high {high}")
+    if log and low <= 0:
+        raise UserError(f"{_where(path, key)} is log-scaled, so low must be positive, got {low}")
+    return ParamSpec(name=name, kind="int" if is_int else "float", low=low, high=high, log=log)
+
+
+def _validate_space(path: str, space: tuple[ParamSpec, ...]) -> None:
+    bounds = {"flip_p": (0, 1), "rot90_p": (0, 1), "brightness": (0, 1), "contrast": (0, 1),
+              "hue_shift": (0, 180), "lr": (0, math.inf), "pos_weight": (0, math.inf),
+              "batch_size": (1, math.inf)}
+    for p in space:
+        lo, hi = bounds[p.name]
+        values = [p.value] if p.kind == "fixed" else list(p.choices) or [p.low, p.high]
+        for v in values:
+            if not lo <= v <= hi or (p.name in ("lr", "pos_weight") and v <= 0):
+                raise UserError(
+                    f"{_where(path, 'search_space.' + p.name)} has value {v} outside its valid "
+                    f"range [{lo}, {hi}]"
+                )
+        if p.name == "batch_size" and any(float(v) != int(v) for v in values):
+            raise UserError(f"{_where(path, 'search_space.batch_size')} must hold integers")
+
+
+def parse_study(raw: Any, path: str) -> StudyConfig:
+    """Validate a loaded study mapping.
+
+    Args:
+        raw: The YAML document as loaded by ``yaml.safe_load``.
+        path: Where it came from, for error messages.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        UserError: Naming the first bad key and what is expected there.
+    """
+    sections = {"dataset", "model", "train", "objective", "sampler", "pruner", "search_space",
+                "retrain"}
+    _check_keys(path, "", raw, sections)
+    if "dataset" not in raw:
+        raise UserError(f"{_where(path, 'dataset')} is required (e.g. dataset: {{name: drive}})")
+    ds = raw["dataset"]
+    _check_keys(path, "dataset", ds, {"name", "source", "options"})
+    dataset = DatasetConfig(
+        name=_typed(path, "dataset.name", ds.get("name"), str),
+        source=_typed(path, "dataset.source", ds.get("source"), (str, type(None))),
+        options=_typed(path, "dataset.options", ds.get("options") or {}, dict),
+    )
+    model = _section(path, "model", raw.get("model") or {}, ModelConfig,
+                     {"width": float, "head_interpolation": str})
+    _positive(path, "model.width", model.width)
+    _choice(path, "model.head_interpolation", model.head_interpolation, ("legacy", "pytorch"))
+    train = _section(path, "train", raw.get("train") or {}, TrainConfig,
+                     {"epochs": int, "max_minutes": (float, type(None)),
+                      "steps_per_epoch": (int, type(None)), "eval_protocol": str,
+                      "eval_stride": int, "eval_batch_size": int})
+    for key in ("epochs", "max_minutes", "steps_per_epoch", "eval_stride", "eval_batch_size"):
+        _positive(path, f"train.{key}", getattr(train, key))
+    _choice(path, "train.eval_protocol", train.eval_protocol, EVAL_PROTOCOLS)
+    objective = _section(path, "objective", raw.get("objective") or {}, ObjectiveConfig,
+                         {"metric": str, "direction": str})
+    _choice(path, "objective.direction", objective.direction, DIRECTIONS)
+    if "/" not in objective.metric:
+        raise UserError(f"{_where(path, 'objective.metric')} must look like 'val/iou'")
+    sampler = _section(path, "sampler", raw.get("sampler") or {}, SamplerConfig,
+                       {"name": str, "seed": int, "n_startup_trials": int})
+    _choice(path, "sampler.name", sampler.name, SAMPLERS)
+    pruner = _section(path, "pruner", raw.get("pruner") or {}, PrunerConfig,
+                      {"name": str, "min_resource": int, "reduction_factor": int,
+                       "n_warmup_steps": int})
+    _choice(path, "pruner.name", pruner.name, PRUNERS)
+    raw_space = raw.get("search_space") or {}
+    _check_keys(path, "search_space", raw_space, set(HYPERPARAMETERS))
+    space = tuple(
+        _param(path, name, raw_space[name]) if name in raw_space
+        else ParamSpec(name=name, kind="fixed", value=default)
+        for name, default in HYPERPARAMETERS.items()
+    )
+    _validate_space(path, space)
+    rt = raw.get("retrain") or {}
+    retrain = _section(path, "retrain", rt, RetrainConfig,
+                       {"epochs": int, "patch_size": (int, type(None)),
+                        "patches_per_image": (int, type(None)), "dataset_options": dict,
+                        "eval_protocol": str, "eval_stride": int})
+    _choice(path, "retrain.eval_protocol", retrain.eval_protocol, EVAL_PROTOCOLS)
+    return StudyConfig(path=path, dataset=dataset, model=model, train=train, objective=objective,
+                       sampler=sampler, pruner=pruner, space=space, retrain=retrain)
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file.
+
+    Raises:
+        UserError: When the file is missing, is not YAML, or has a bad key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {path} does not exist; pass --config with an existing file "
+                        f"(examples are in studies/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"study file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    return parse_study(raw or {}, str(path))
+
+
+def default_study_file(dataset: str) -> Path:
+    """The shipped study file for a dataset.
+
+    Raises:
+        UserError: When there is none, listing the ones that exist.
+    """
+    path = STUDIES_DIR / f"{dataset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+        raise UserError(f"no study file for dataset '{dataset}' in {STUDIES_DIR}; pass --config "
+                        f"FILE or use one of: {', '.join(known) or '(none found)'}")
+    return path
+
+
+def check_channels(study: StudyConfig, channels: int) -> None:
+    """Reject colour augmentation on a grey dataset, naming the key.
+
+    Raises:
+        UserError: When ``hue_shift`` can be non-zero but the input has one channel.
+    """
+    if channels == 1 and study.param("hue_shift").can_be_nonzero():
+        raise UserError(
+            f"{_where(study.path, 'search_space.hue_shift')}: hue needs colour input but dataset "
+            f"'{study.dataset.name}' gives 1 channel; remove hue_shift or use a colour input mode "
+            f"(for DRIVE: dataset.options.input_mode: rgb)"
+        )

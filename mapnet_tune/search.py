@@ -1,0 +1,496 @@
+"""The Optuna study: suggest, build, fit, report, prune, and hand the numbers to tracking.
+
+Each worker process runs :func:`run_search`. Workers cooperate only through the Optuna
+storage (trial numbers, the study-wide trial count, the parent run id) and the MLflow
+store; there is no scheduler of our own.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from mapnet_tune import engine
+from mapnet_tune.config import StudyConfig, check_channels
+from mapnet_tune.data import PreparedDataset, prepare
+from mapnet_tune.data.augment import build_augment
+from mapnet_tune.errors import UserError
+from mapnet_tune.model import MAPNet
+from mapnet_tune.tracking import Tracker, git_sha
+from mapnet_tune.viz import overlay_panel
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+#: Trials that count towards ``--trials``: finished ones and those running right now (so two
+#: workers do not both start the last trial). Failed trials do not count: they are retried.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+HEARTBEAT_S = 30
+GRACE_S = 90
+PARENT_ATTR = "mlflow_parent_run_id"
+OVERLAY_IMAGES = 4
+
+# Optuna logs a full traceback for every failed trial; we print one line per failure
+# ourselves and keep the traceback in the trial's user attributes.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+class StudyTimeout(KeyboardInterrupt):
+    """``--timeout`` ran out mid-trial. Handled like Ctrl-C: the trial is re-queued."""
+
+
+def resolve_storage(storage: str | None) -> str:
+    """``storage``, else ``$MAPNET_TUNE_STORAGE``, else ``sqlite:///optuna.db`` in the cwd."""
+    return storage or os.environ.get("MAPNET_TUNE_STORAGE") or DEFAULT_STORAGE
+
+
+def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so a killed worker's trial is failed and retried.
+
+    Raises:
+        UserError: When the database cannot be reached.
+    """
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several processes may share one SQLite file; wait for locks instead of failing.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental; they are what makes crash recovery work.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs["heartbeat_stale_trial_callback"] = (
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.storages.RDBStorage(url, **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"Optuna storage {_safe_url(url)} cannot be opened ({first}); check the "
+                        f"URL (e.g. postgresql+psycopg2://user@host/db) and that the database "
+                        f"is running, or pass --storage / set MAPNET_TUNE_STORAGE") from None
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def load_existing_study(storage: str | None, name: str) -> optuna.Study:
+    """A study that must already exist.
+
+    Raises:
+        UserError: Listing the studies that do exist.
+    """
+    url = resolve_storage(storage)
+    store = open_storage(url, heartbeat=False)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if name not in names:
+        raise UserError(f"no study '{name}' in {_safe_url(url)}; existing studies: "
+                        f"{', '.join(sorted(names)) or '(none)'}; pass --study NAME or --storage")
+    return optuna.load_study(study_name=name, storage=store)
+
+
+def default_study_name(study: StudyConfig) -> str:
+    """The dataset name for a shipped study file, else ``<dataset>-<file stem>``."""
+    stem = Path(study.path).stem
+    return stem if stem == study.dataset.name else f"{study.dataset.name}-{stem}"
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """The seed of every random choice in one trial."""
+    return (study_seed * 1_000_003 + number) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Everything one ``mapnet-tune search`` worker needs."""
+
+    study: StudyConfig
+    study_name: str
+    storage: str
+    tracking_uri: str | None
+    trials: int
+    timeout_s: float | None = None
+    enqueue: Path | None = None
+    source: str | None = None
+    device: str | None = None
+
+
+def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
+    if study.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=study.sampler.seed)
+    return optuna.samplers.TPESampler(seed=study.sampler.seed,
+                                      n_startup_trials=study.sampler.n_startup_trials)
+
+
+def _pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    p = study.pruner
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource,
+                                              max_resource=study.train.epochs,
+                                              reduction_factor=p.reduction_factor)
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
+    """The trial's hyperparameters: sampled where the study searches, fixed elsewhere."""
+    params: dict[str, Any] = {}
+    for p in study.space:
+        if p.kind == "fixed":
+            params[p.name] = p.value
+        elif p.kind == "categorical":
+            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+        else:
+            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+    return params
+
+
+class Progress:
+    """One status line per event on stderr: trial i of N, epoch, best so far, pruned/failed."""
+
+    def __init__(self, study: optuna.Study, target: int, metric: str) -> None:
+        self.study, self.target, self.metric = study, target, metric
+
+    def line(self, text: str) -> None:
+        """Print a progress line with the study-wide counters."""
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        try:
+            best = f"{self.study.best_value:.4f} (t{self.study.best_trial.number:04d})"
+        except ValueError:
+            best = "-"
+        print(f"[{done}/{self.target} done | best {self.metric} {best} | pruned {pruned} "
+              f"failed {failed}] {text}", file=sys.stderr, flush=True)
+
+
+class Objective:
+    """The trial function: suggest, build, fit, report, prune, log."""
+
+    def __init__(self, req: SearchRequest, data: PreparedDataset, tracker: Tracker,
+                 experiment_id: str, parent_run_id: str, progress: Progress,
+                 deadline: float | None) -> None:
+        self.req, self.data, self.tracker = req, data, tracker
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.progress, self.deadline = progress, deadline
+        self.device = engine.pick_device(req.device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        study = self.req.study
+        params = suggest(trial, study)
+        batch_override = trial.user_attrs.get("batch_size_override")
+        if batch_override:
+            params["batch_size"] = int(batch_override)
+        seed = trial_seed(study.sampler.seed, trial.number)
+        name = f"{study.dataset.name}-t{trial.number:04d}"
+        run_id = self.tracker.create_run(self.experiment_id, name, {
+            "optuna.study": self.req.study_name, "optuna.trial": str(trial.number),
+            "dataset.fingerprint": self.data.fingerprint, "git.sha": git_sha(),
+            "mapnet_tune.role": "trial"}, parent_run_id=self.parent_run_id)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.tracker.log_params(run_id, {**params_for_log(params),
+                                         **study.fixed_settings(), "seed": seed,
+                                         "device": str(self.device)})
+        monitor = self.tracker.system_metrics(run_id) if self.device.type == "cuda" else None
+        try:
+            value = self._train(trial, params, seed, run_id)
+        except optuna.TrialPruned as exc:
+            self.tracker.end_run(run_id, "KILLED", str(exc))
+            raise
+        except KeyboardInterrupt as exc:
+            why = "study time limit" if isinstance(exc, StudyTimeout) else "interrupted"
+            self._requeue(trial, why)
+            self.tracker.end_run(run_id, "KILLED", f"{why}; re-queued for the next run")
+            raise
+        except Exception as exc:
+            reason = self._failure(trial, params, exc)
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.end_run(run_id, "FAILED", reason)
+            self.progress.line(f"t{trial.number:04d} FAILED: {reason}")
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
+        self.tracker.end_run(run_id, "FINISHED")
+        return value
+
+    def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str) -> float:
+        study = self.req.study
+        torch.manual_seed(seed)
+        model = MAPNet(in_channels=self.data.channels, out_channels=1, width=study.model.width,
+                       head_interpolation=study.model.head_interpolation)
+        augment = build_augment(params, self.data.channels, seed)
+        budget = study.train.max_minutes * 60 if study.train.max_minutes else None
+        settings = engine.TrainSettings(
+            epochs=study.train.epochs, batch_size=int(params["batch_size"]), lr=params["lr"],
+            pos_weight=params["pos_weight"], max_seconds=budget,
+            steps_per_epoch=study.train.steps_per_epoch, eval_protocol=study.train.eval_protocol,
+            eval_stride=study.train.eval_stride, eval_batch_size=study.train.eval_batch_size,
+            objective=study.objective.metric, maximize=study.objective.direction == "maximize",
+            seed=seed)
+        best: dict[str, float] = {}
+        metric = study.objective.metric
+
+        def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module) -> None:
+            self.tracker.log_metrics(run_id, metrics, step=epoch)
+            value = metrics[metric]
+            if not best or _improves(value, best[metric], settings.maximize):
+                best.clear()
+                best.update(metrics, epoch=epoch)
+                self._log_overlays(net, run_id, epoch)
+            self.progress.line(f"t{trial.number:04d} epoch {epoch + 1}/{settings.epochs} "
+                               f"loss {metrics['train/loss']:.4f} {metric} {value:.4f}")
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch + 1} with {metric} {value:.4f}")
+            if self.deadline is not None and time.time() > self.deadline:
+                raise StudyTimeout
+
+        result = engine.fit(model, self.data.splits["train"], self.data.splits["val"], settings,
+                            augment=augment, on_epoch=on_epoch, device=self.device)
+        if not result.best_metrics:
+            raise RuntimeError(f"no epoch produced a finite {metric}")
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("metrics", {k: v for k, v in result.best_metrics.items()
+                                        if math.isfinite(v)})
+        trial.set_user_attr("samples_per_s", result.samples_seen / max(result.seconds, 1e-9))
+        self.tracker.log_metrics(run_id, {f"best/{k}": v for k, v in result.best_metrics.items()},
+                                 step=result.best_epoch)
+        self.progress.line(f"t{trial.number:04d} done: {metric} {result.best_metrics[metric]:.4f}"
+                           f" at epoch {result.best_epoch + 1}")
+        return result.best_metrics[metric]
+
+    def _log_overlays(self, model: torch.nn.Module, run_id: str, epoch: int) -> None:
+        val = self.data.splits["val"]
+        n = min(OVERLAY_IMAGES, len(val.images))
+        protocol = "sliding-window" if self.req.study.train.eval_protocol == "sliding-window" \
+            else "full-image"
+        probs = engine.predict(model, val.images[:n], protocol,
+                               window=val.patch_size or 64, stride=self.req.study.train.eval_stride,
+                               batch_size=self.req.study.train.eval_batch_size, device=self.device)
+        panel = overlay_panel(val.images[:n], val.masks[:n], probs.numpy(),
+                              None if val.fov is None else val.fov[:n])
+        self.tracker.log_image(run_id, panel, "overlays/best_epoch.png")
+        self.tracker.set_tags(run_id, {"mapnet_tune.overlay_epoch": epoch})
+        model.train()
+
+    def _requeue(self, trial: optuna.Trial, why: str, batch_size: int | None = None) -> None:
+        """Queue the same sampled values again, so the configuration is not lost."""
+        attrs = {"retry_of": trial.number, "retry_reason": why}
+        if batch_size is not None:
+            attrs["batch_size_override"] = batch_size
+        trial.study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+
+    def _failure(self, trial: optuna.Trial, params: dict[str, Any], exc: Exception) -> str:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            torch.cuda.empty_cache()
+            half = int(params["batch_size"]) // 2
+            if half >= 1 and "batch_size_override" not in trial.user_attrs:
+                self._requeue(trial, "out of memory", batch_size=half)
+                reason += f"; re-queued with batch size {half}"
+        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        return reason
+
+
+def _improves(value: float, best: float, maximize: bool) -> bool:
+    if math.isnan(value):
+        return False
+    return math.isnan(best) or (value > best if maximize else value < best)
+
+
+def _ensure_parent(study: optuna.Study, tracker: Tracker, experiment_id: str,
+                   req: SearchRequest) -> str:
+    """The study's one parent run, created by whichever worker gets there first.
+
+    Two workers starting together may both create one; each writes its id to the study's
+    user attributes, waits, and reads back: the last write wins everywhere and the losers
+    delete their runs.
+    """
+    existing = study.user_attrs.get(PARENT_ATTR)
+    if existing:
+        return existing
+    run_id = tracker.create_run(experiment_id, f"{req.study.dataset.name}-study", {
+        "optuna.study": req.study_name, "mapnet_tune.role": "study", "git.sha": git_sha(),
+        "optuna.storage": _safe_url(req.storage)})
+    study.set_user_attr(PARENT_ATTR, run_id)
+    time.sleep(1.0)
+    winner = optuna.load_study(study_name=study.study_name,
+                               storage=study._storage).user_attrs[PARENT_ATTR]
+    if winner != run_id:
+        tracker.delete_run(run_id)
+        return winner
+    tracker.log_params(run_id, {**req.study.fixed_settings(),
+                                "search_space": _space_text(req.study)})
+    return run_id
+
+
+def _space_text(study: StudyConfig) -> str:
+    parts = []
+    for p in study.space:
+        if p.kind == "categorical":
+            parts.append(f"{p.name}={list(p.choices)}")
+        elif p.kind in ("float", "int"):
+            parts.append(f"{p.name}=[{p.low},{p.high}]{'log' if p.log else ''}")
+    return "; ".join(parts)
+
+
+def _open_study(req: SearchRequest) -> optuna.Study:
+    storage = open_storage(req.storage)
+    study = optuna.create_study(storage=storage, study_name=req.study_name,
+                                sampler=_sampler(req.study), pruner=_pruner(req.study),
+                                direction=req.study.objective.direction, load_if_exists=True)
+    digest = study.user_attrs.get("config_digest")
+    if digest is None:
+        study.set_user_attr("config_digest", req.study.digest())
+        study.set_user_attr("config_file", req.study.path)
+        study.set_user_attr("dataset", req.study.dataset.name)
+        study.set_user_attr("objective", req.study.objective.metric)
+    elif digest != req.study.digest():
+        raise UserError(
+            f"study '{req.study_name}' in {_safe_url(req.storage)} was created from different "
+            f"settings than {req.study.path}; restore that file or pass --study NEW_NAME to start "
+            f"a new study")
+    return study
+
+
+def enqueue_file(study: optuna.Study, path: Path) -> int:
+    """Queue the parameters of an ``export-best`` YAML file first (a warm start).
+
+    Returns:
+        How many parameter sets were queued (already-queued ones are skipped).
+
+    Raises:
+        UserError: When the file is missing or not in the export format.
+    """
+    if not path.is_file():
+        raise UserError(f"--enqueue file {path} does not exist; write one with "
+                        f"`mapnet-tune export-best --out {path}`")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"--enqueue file {path} is not valid YAML: {exc}") from None
+    entries = doc.get("trials") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("params"), dict) for e in entries):
+        raise UserError(f"--enqueue file {path} must hold 'trials: [{{params: {{...}}}}]' as "
+                        f"written by `mapnet-tune export-best`")
+    for entry in entries:
+        study.enqueue_trial(entry["params"], skip_if_exists=True)
+    return len(entries)
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count towards the study-wide ``--trials`` total."""
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def run_search(req: SearchRequest) -> optuna.Study:
+    """Run trials until the study holds ``req.trials`` finished trials or the time is up.
+
+    Safe to run in several processes on one study: each asks the storage for the next trial.
+
+    Raises:
+        UserError: For a bad study file, unreachable storage or tracking server, or bad data.
+        KeyboardInterrupt: On Ctrl-C, after marking the running trial and re-queueing it.
+    """
+    tracker = Tracker(req.tracking_uri)
+    tracker.check_reachable()
+    study = _open_study(req)
+    data = prepare(req.study.dataset.name, req.source or req.study.dataset.source,
+                   req.study.dataset.options)
+    check_channels(req.study, data.channels)
+    if req.enqueue is not None:
+        enqueue_file(study, req.enqueue)
+    experiment_id = tracker.experiment(req.study_name)
+    parent = _ensure_parent(study, tracker, experiment_id, req)
+    tracker.set_tags(parent, {"dataset.fingerprint": data.fingerprint})
+    progress = Progress(study, req.trials, req.study.objective.metric)
+    deadline = time.time() + req.timeout_s if req.timeout_s else None
+    objective = Objective(req, data, tracker, experiment_id, parent, progress, deadline)
+    try:
+        while counted_trials(study) < req.trials:
+            if deadline is not None and time.time() > deadline:
+                raise StudyTimeout
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+    except StudyTimeout:
+        progress.line("time limit reached; run the same command to continue")
+        return study
+    progress.line("study complete")
+    return study
+
+
+def trials_table(study: optuna.Study, top: int = 10) -> str:
+    """A Markdown table of the best finished trials with parameters and metrics."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials.sort(key=lambda t: t.value, reverse=maximize)
+    metric = study.user_attrs.get("objective", "value")
+    names = sorted({k for t in trials for k in t.params})
+    extra = ["val/f1", "val/auc", "val/accuracy"]
+    head = ["trial", metric, *extra, "epoch", *names, "mlflow run"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in trials[:top]:
+        m = t.user_attrs.get("metrics", {})
+        cells = [f"t{t.number:04d}", f"{t.value:.4f}",
+                 *(f"{m[k]:.4f}" if k in m else "-" for k in extra),
+                 str(t.user_attrs.get("best_epoch", -1) + 1),
+                 *(_fmt(t.params.get(k)) for k in names), t.user_attrs.get("mlflow_run_id", "-")]
+        rows.append("| " + " | ".join(cells) + " |")
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                        TrialState.RUNNING, TrialState.WAITING)}
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    return f"study {study.study_name}: {summary}\n\n" + "\n".join(rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def export_best(study: optuna.Study, top: int = 1) -> str:
+    """YAML with the best trials' parameters, readable by ``search --enqueue``."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.value is not None]
+    if not trials:
+        raise UserError(f"study '{study.study_name}' has no completed trial yet; run "
+                        f"`mapnet-tune search` until one completes")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials.sort(key=lambda t: t.value, reverse=maximize)
+    doc = {"study": study.study_name, "objective": study.user_attrs.get("objective"),
+           "trials": [{"trial": t.number, "value": float(t.value), "params": dict(t.params)}
+                      for t in trials[:top]]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def params_for_log(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampled parameters with the ``hp.`` prefix used in MLflow."""
+    return {f"hp.{k}": v for k, v in params.items()}
