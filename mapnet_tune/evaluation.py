@@ -5,7 +5,7 @@ from __future__ import annotations
 from mapnet_tune import checkpoint, engine
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError
-from mapnet_tune.metrics import format_row
+from mapnet_tune.metrics import format_header, format_row
 
 
 def evaluate_checkpoint(path: str, dataset: str, source: str | None, split: str,
@@ -33,4 +33,5 @@ def evaluate_checkpoint(path: str, dataset: str, source: str | None, split: str,
                               window=meta.get("patch_size") or 64)
     where = f"stride {stride}" if protocol == "sliding-window" else "whole images"
     return (f"{dataset} {split}: {len(data.splits[split].images)} images, protocol {protocol} "
-            f"({where}), dataset fingerprint {data.fingerprint}\n" + format_row(metrics, split))
+            f"({where}), dataset fingerprint {data.fingerprint}\n{format_header()}\n"
+            + format_row(metrics, split))

@@ -118,23 +118,18 @@ CASES = [
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
-def test_bad_input_names_the_problem_and_writes_no_cache(
-    tmp_path, dataset, write, corrupt, words, options
-):
-    root = tmp_path / "source"
+def test_bad_input_through_the_cli(workdir, cli, dataset, write, corrupt, words, options):
+    root = workdir / "source"
     write(root)
     corrupt(root)
-    cache_dir = tmp_path / "cache"
-    with pytest.raises(UserError) as info:
-        prepare(
-            dataset,
-            root,
-            {**(DRIVE_OPTIONS if dataset == "drive" else {}), **options},
-            cache_dir=cache_dir,
-        )
-    message = str(info.value)
+    merged = {**(DRIVE_OPTIONS if dataset == "drive" else {}), **options}
+    flags = [arg for key, value in merged.items() for arg in ("--option", f"{key}={value}")]
+    result = cli("prepare", "--dataset", dataset, "--source", root, *flags)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
     for word in words:
-        assert word in message
+        assert word in result.output
+    cache_dir = workdir / "cache"
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
 
 

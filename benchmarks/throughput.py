@@ -1,0 +1,339 @@
+"""Training-step throughput of MAP-Net: plain fp32 eager versus the fast settings.
+
+One step is forward, BCEWithLogits loss, backward and an Adam step (lr 1e-3) on random data.
+Throughput is reported in images/s and in achieved TFLOP/s, counting
+training FLOPs = 3 x forward FLOPs = 6 x MACs per image, with MACs from ``count_macs``
+(convolutions and dense layers only).
+
+Usage:
+    python benchmarks/throughput.py [--device cuda|cpu] [--sizes 64,256,512] [--steps N]
+        [--warmup N] [--batch 64,16,4] [--compile] [--append docs/benchmarks.md]
+
+``measure`` is importable for other benchmarks.
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mapnet_tune.model import MAPNet, count_macs
+
+IN_CHANNELS = {64: 1, 256: 3, 512: 1}
+"""Input channels per size: grey DRIVE patches, RGB ISIC images, grey lung slices."""
+
+DEFAULT_BATCH = {
+    "cuda": {64: 64, 256: 16, 512: 4},
+    "cpu": {64: 4, 256: 1, 512: 1},
+}
+DEFAULT_SIZES = {"cuda": (64, 256, 512), "cpu": (64, 256)}
+DEFAULT_STEPS = {"cuda": 20, "cpu": 5}
+DEFAULT_WARMUP = {"cuda": 5, "cpu": 2}
+COMPILE_WARMUP = 10
+"""Warm-up steps when compiling: the first steps trigger (re)compilation."""
+
+FLOP_CONVENTION = "training FLOPs = 3 x forward FLOPs = 6 x MACs per image"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a training step is run.
+
+    Attributes:
+        name: Label in the table.
+        autocast: Run forward and loss under bf16 autocast.
+        channels_last: Convert model and inputs to channels_last.
+        fused_adam: Use ``Adam(fused=True)``.
+        compile: Wrap the model in ``torch.compile``.
+        tf32: Keep PyTorch's default TF32 use on CUDA (cuDNN convolutions); False forces
+            IEEE fp32 for convolutions and matmuls.
+        cudnn_benchmark: Let cuDNN time its algorithms for each new shape on CUDA.
+    """
+
+    name: str
+    autocast: bool = False
+    channels_last: bool = False
+    fused_adam: bool = False
+    compile: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
+
+
+def default_settings(device: torch.device, compile_fast: bool) -> list[Setting]:
+    """The naive baseline and the fast setting for ``device``.
+
+    The baseline is plain fp32 eager with TF32 off. The fast setting uses channels_last
+    everywhere, plus bf16 autocast, fused Adam, default TF32 flags and cuDNN autotuning on
+    CUDA, plus ``torch.compile`` when asked.
+    """
+    cuda = device.type == "cuda"
+    name = "fast + compile" if compile_fast else "fast"
+    fast = Setting(
+        name=name,
+        autocast=cuda,
+        channels_last=True,
+        fused_adam=cuda,
+        compile=compile_fast,
+        tf32=cuda,
+        cudnn_benchmark=cuda,
+    )
+    return [Setting(name="fp32 eager"), fast]
+
+
+@functools.cache
+def forward_macs(in_channels: int, size: int) -> int:
+    """MACs of one forward pass on one ``in_channels`` x ``size`` x ``size`` image."""
+    # On the meta device the count costs no arithmetic, even for 512 x 512.
+    with torch.device("meta"):
+        model = MAPNet(in_channels=in_channels)
+    return count_macs(model, torch.zeros(1, in_channels, size, size, device="meta"))
+
+
+@contextlib.contextmanager
+def _cuda_backend_flags(device: torch.device, setting: Setting) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (
+        cudnn.conv.fp32_precision,
+        cudnn.rnn.fp32_precision,
+        matmul.fp32_precision,
+        cudnn.benchmark,
+    )
+    if not setting.tf32:
+        # cuDNN convolutions use TF32 by default; conv and rnn are set together because torch
+        # refuses to answer the legacy allow_tf32 query when they disagree.
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
+        matmul.fp32_precision = "ieee"
+    cudnn.benchmark = setting.cudnn_benchmark
+    try:
+        yield
+    finally:
+        (
+            cudnn.conv.fp32_precision,
+            cudnn.rnn.fp32_precision,
+            matmul.fp32_precision,
+            cudnn.benchmark,
+        ) = saved
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    setting: Setting,
+    size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    in_channels: int | None = None,
+    seed: int = 0,
+) -> dict[str, str | int | float]:
+    """Time ``steps`` training steps of a freshly built full-width MAP-Net.
+
+    Args:
+        setting: How the step runs.
+        size: Square input side.
+        batch: Images per step.
+        steps: Timed steps.
+        warmup: Untimed steps before timing (compilation, cuDNN autotuning, allocator).
+        device: Where to run.
+        in_channels: Image channels; defaults to :data:`IN_CHANNELS` for ``size``, else 3.
+        seed: Seed for the weights and the random batch.
+
+    Returns:
+        A row with ``setting``, ``input`` (``CxHxW``), ``batch``, ``step_ms``,
+        ``images_per_s``, ``tflops`` and ``peak_gib`` (CUDA only, else NaN). When CUDA runs out
+        of memory the timings are NaN and ``setting`` says so.
+    """
+    in_channels = in_channels or IN_CHANNELS.get(size, 3)
+    row: dict[str, str | int | float] = {
+        "setting": setting.name,
+        "input": f"{in_channels}x{size}x{size}",
+        "batch": batch,
+    }
+    torch.manual_seed(seed)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    model = MAPNet(in_channels=in_channels).to(device, memory_format=memory_format).train()
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=1e-3, **({"fused": True} if setting.fused_adam else {})
+    )
+    forward = torch.compile(model) if setting.compile else model
+    loss_fn = nn.BCEWithLogitsLoss()
+    x = torch.rand(batch, in_channels, size, size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.autocast)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(forward(x), y)
+        loss.backward()
+        optimiser.step()
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with _cuda_backend_flags(device, setting):
+            for _ in range(warmup):
+                step()
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _synchronize(device)
+            elapsed = time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        row["setting"] = f"{setting.name} (out of memory)"
+        elapsed = float("nan")
+    images_per_s = batch * steps / elapsed
+    row["step_ms"] = 1e3 * elapsed / steps
+    row["images_per_s"] = images_per_s
+    row["tflops"] = images_per_s * 6 * forward_macs(in_channels, size) / 1e12
+    cuda = device.type == "cuda"
+    row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    return row
+
+
+def device_description(device: torch.device) -> str:
+    """Human-readable name of the machine that ran the benchmark."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
+
+
+def format_report(
+    rows: Sequence[dict[str, str | int | float]],
+    device: torch.device,
+    settings: Sequence[Setting],
+    steps: int,
+    warmup: int,
+) -> str:
+    """A Markdown section: machine, versions, date, conventions and the results table."""
+    shapes = sorted({tuple(int(n) for n in str(r["input"]).split("x")) for r in rows})
+    macs = ", ".join(
+        f"{forward_macs(c, h) / 1e9:.3f} G ({c}x{h}x{w})"
+        for c, h, w in sorted(shapes, key=lambda shape: shape[1])
+    )
+    torch_version = torch.__version__
+    if device.type == "cuda":
+        torch_version += f", CUDA {torch.version.cuda}"
+    lines = [
+        f"## Training throughput: {device_description(device)}, {datetime.date.today()}",
+        "",
+        f"- machine: {device_description(device)}",
+        f"- torch {torch_version}",
+        f"- date: {datetime.date.today()}",
+        "- step: forward, BCEWithLogits loss, backward, Adam (lr 1e-3) on random data",
+        f"- timing: {steps} timed steps after {warmup} untimed warm-up step(s)",
+        f"- FLOP convention: {FLOP_CONVENTION}; forward MACs by `count_macs` "
+        f"(convolutions and dense layers): {macs}",
+    ]
+    if device.type == "cpu":
+        lines.append(
+            "- note: CPU numbers are only a smoke test that the benchmark runs; "
+            "they say nothing about GPU training speed"
+        )
+    for setting in settings:
+        parts = [
+            "bf16 autocast" if setting.autocast else "fp32",
+            "channels_last" if setting.channels_last else "NCHW",
+            "fused Adam" if setting.fused_adam else "default Adam",
+            "torch.compile" if setting.compile else "eager",
+        ]
+        if device.type == "cuda":
+            parts.append("default TF32 flags" if setting.tf32 else "TF32 off")
+            parts.append("cudnn.benchmark" if setting.cudnn_benchmark else "default cuDNN")
+        lines.append(f"- {setting.name}: {', '.join(parts)}")
+    cuda = device.type == "cuda"
+    header = "| setting | input | batch | step (ms) | images/s | TFLOP/s |"
+    rule = "|---|---|---:|---:|---:|---:|"
+    if cuda:
+        header += " peak memory (GiB) |"
+        rule += "---:|"
+    lines += ["", header, rule]
+    for r in rows:
+        line = (
+            f"| {r['setting']} | {r['input']} | {r['batch']} | {r['step_ms']:.1f} "
+            f"| {r['images_per_s']:.2f} | {r['tflops']:.3f} |"
+        )
+        if cuda:
+            line += f" {r['peak_gib']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    device: torch.device,
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    steps: int,
+    warmup: int,
+    compile_fast: bool,
+) -> str:
+    """Measure every setting at every size and return the Markdown report."""
+    settings = default_settings(device, compile_fast)
+    rows = [
+        measure(setting, size, batch, steps, warmup, device)
+        for size, batch in zip(sizes, batches, strict=True)
+        for setting in settings
+    ]
+    return format_report(rows, device, settings, steps, warmup)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse options, run the benchmark, print the report and optionally append it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--sizes", type=_int_list, default=None, help="e.g. 64,256,512")
+    parser.add_argument(
+        "--batch", type=_int_list, default=None, help="one batch size, or one per size"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast setting")
+    parser.add_argument("--append", type=Path, default=None, help="Markdown file to append to")
+    args = parser.parse_args(argv)
+
+    kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch sees no CUDA device")
+    sizes = args.sizes or list(DEFAULT_SIZES[kind])
+    batches = args.batch or [DEFAULT_BATCH[kind].get(size, 1) for size in sizes]
+    if len(batches) == 1:
+        batches = batches * len(sizes)
+    if len(batches) != len(sizes):
+        parser.error(f"--batch needs one value or one per size ({len(sizes)}), got {batches}")
+    warmup = args.warmup
+    if warmup is None:
+        warmup = COMPILE_WARMUP if args.compile else DEFAULT_WARMUP[kind]
+    steps = args.steps or DEFAULT_STEPS[kind]
+
+    report = run(torch.device(kind), sizes, batches, steps, warmup, args.compile)
+    print(report)
+    if args.append is not None:
+        with args.append.open("a", encoding="utf-8") as file:
+            file.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()
