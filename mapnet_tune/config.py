@@ -49,10 +49,15 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """MAP-Net construction options (width 1.0 is the faithful model)."""
+    """MAP-Net construction options (width 1.0 and BN momentum 0.01 are the faithful model).
+
+    The official BatchNorm momentum (0.01 in PyTorch's convention) needs hundreds of steps
+    before the running statistics used at evaluation settle; short CPU studies raise it.
+    """
 
     width: float = 1.0
     head_interpolation: str = "legacy"
+    bn_momentum: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -292,8 +297,11 @@ def parse_study(raw: Any, path: str) -> StudyConfig:
         options=_typed(path, "dataset.options", ds.get("options") or {}, dict),
     )
     model = _section(path, "model", raw.get("model") or {}, ModelConfig,
-                     {"width": float, "head_interpolation": str})
+                     {"width": float, "head_interpolation": str, "bn_momentum": float})
     _positive(path, "model.width", model.width)
+    if not 0 < model.bn_momentum <= 1:
+        raise UserError(f"{_where(path, 'model.bn_momentum')} must be in (0, 1], "
+                        f"got {model.bn_momentum}")
     _choice(path, "model.head_interpolation", model.head_interpolation, ("legacy", "pytorch"))
     train = _section(path, "train", raw.get("train") or {}, TrainConfig,
                      {"epochs": int, "max_minutes": (float, type(None)),

@@ -242,7 +242,8 @@ class Objective:
         study = self.req.study
         torch.manual_seed(seed)
         model = MAPNet(in_channels=self.data.channels, out_channels=1, width=study.model.width,
-                       head_interpolation=study.model.head_interpolation)
+                       head_interpolation=study.model.head_interpolation,
+                       bn_momentum=study.model.bn_momentum)
         augment = build_augment(params, self.data.channels, seed)
         budget = study.train.max_minutes * 60 if study.train.max_minutes else None
         settings = engine.TrainSettings(

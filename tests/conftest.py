@@ -18,7 +18,7 @@ TINY_STUDY = {
     "dataset": {"name": "synthetic",
                 "options": {"size": 32, "channels": 3, "count": {"train": 8, "val": 4, "test": 4},
                             "seed": 1}},
-    "model": {"width": 0.0625},
+    "model": {"width": 0.0625, "bn_momentum": 0.1},
     "train": {"epochs": 2, "eval_protocol": "full-image", "eval_batch_size": 8},
     "objective": {"metric": "val/iou", "direction": "maximize"},
     "sampler": {"name": "tpe", "seed": 3, "n_startup_trials": 2},
