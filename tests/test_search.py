@@ -77,22 +77,26 @@ def test_search_logs_trials_and_resumes(workdir, cli):
 
 
 def test_pruned_trial_is_killed_run(workdir, cli):
+    # The training loss is ordered by pos_weight from the first epoch on, so the median
+    # pruner must stop the trial with the large weight once two low-weight trials finished.
     cfg = write_study(workdir / "prune.yaml",
+                      objective={"metric": "train/loss", "direction": "minimize"},
                       pruner={"name": "median", "n_warmup_steps": 0},
                       search_space={"lr": 0.003, "batch_size": 4,
-                                    "pos_weight": {"choices": [4.0, 0.001]}})
+                                    "pos_weight": {"choices": [0.5, 50.0]}})
     queue = workdir / "queue.yaml"
-    queue.write_text(yaml.safe_dump({"trials": [{"params": {"pos_weight": 4.0}},
-                                                {"params": {"pos_weight": 4.0}},
-                                                {"params": {"pos_weight": 0.001}}]}))
+    # Distinct flip_p values: enqueueing skips parameter sets that are already queued.
+    queue.write_text(yaml.safe_dump({"trials": [{"params": {"pos_weight": 0.5, "flip_p": 0.1}},
+                                                {"params": {"pos_weight": 0.5, "flip_p": 0.2}},
+                                                {"params": {"pos_weight": 50.0}}]}))
     result = cli("search", "--config", cfg, "--trials", 3, "--study", "prune",
                  "--enqueue", queue)
     assert result.exit_code == 0, result.output
     pruned = _study("prune").get_trials(states=(TrialState.PRUNED,))
-    assert [t.params["pos_weight"] for t in pruned] == [0.001]
+    assert [t.params["pos_weight"] for t in pruned] == [50.0]
     run = MlflowClient("sqlite:///mlflow.db").get_run(pruned[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
-    assert "pruned at epoch" in run.data.tags["mapnet_tune.end_reason"]
+    assert "pruned at epoch 1" in run.data.tags["mapnet_tune.end_reason"]
 
 
 def test_failing_trial_is_failed_and_study_goes_on(workdir, cli):
