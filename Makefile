@@ -1,10 +1,17 @@
-# The two quickstart commands: `make demo` (set up, run a short search on the built-in
-# synthetic set) and `make test` (set up, run the test suite).
+# The two quickstart commands: `make demo` (set up; on the built-in synthetic set run a
+# short search, retrain the best trial into a registered champion, predict a few new images
+# and write the report) and `make test` (set up, run the test suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TRIALS ?= 6
+MT := ../$(BIN)/mapnet-tune
+# Three new synthetic images of different sizes (one odd) for the demo's predict step.
+DEMO_IMAGES := import numpy as np; from PIL import Image; \
+  from mapnet_tune.data.synthetic import vessel_image; \
+  [Image.fromarray((vessel_image(np.random.default_rng([99, s]), s, 3)[0].transpose(1, 2, 0) \
+  * 255).astype(np.uint8)).save(f"images/vessels-{s}.png") for s in (64, 80, 101)]
 
 .PHONY: setup demo test lint format clean
 
@@ -19,8 +26,13 @@ $(BIN)/mapnet-tune: pyproject.toml
 setup: $(BIN)/mapnet-tune
 
 demo: setup
-	mkdir -p demo
-	cd demo && ../$(BIN)/mapnet-tune search --dataset synthetic --trials $(TRIALS)
+	mkdir -p demo/images
+	cd demo && $(MT) search --dataset synthetic --trials $(TRIALS)
+	cd demo && $(MT) retrain-best --study synthetic --top-k 1
+	cd demo && ../$(BIN)/python -c '$(DEMO_IMAGES)'
+	cd demo && $(MT) predict --model models:/mapnet-synthetic@champion images/*.png \
+	  --out predictions
+	cd demo && $(MT) report --study synthetic
 
 test: setup
 	$(BIN)/pytest -q

@@ -88,10 +88,28 @@ def _options(pairs: tuple[str, ...]) -> dict:
               help="YAML from export-best: try these parameters first.")
 @click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
 @click.option("--device", help="torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+@click.option("--gpus", help="GPU indices, e.g. 0,1,2,3: one worker process per GPU slot, "
+                             "pinned with CUDA_VISIBLE_DEVICES (needs PostgreSQL and an MLflow "
+                             "server).")
+@click.option("--trials-per-gpu", type=click.IntRange(min=1),
+              help="Worker processes per GPU with --gpus [default: 1].")
+@click.option("--heartbeat-interval", type=click.IntRange(min=1), default=30, show_default=True,
+              envvar="MAPNET_TUNE_HEARTBEAT_S", metavar="SECONDS",
+              help="How often a running trial tells the storage it is alive "
+                   "[env MAPNET_TUNE_HEARTBEAT_S].")
+@click.option("--grace-period", type=click.IntRange(min=2), default=90, show_default=True,
+              envvar="MAPNET_TUNE_GRACE_S", metavar="SECONDS",
+              help="Silence after which a running trial counts as lost, is failed and re-queued "
+                   "[env MAPNET_TUNE_GRACE_S].")
 def search(dataset: str | None, config_path: str | None, trials: int, study_name: str | None,
            storage: str | None, tracking_uri: str | None, timeout: str | None,
-           enqueue: Path | None, source: str | None, device: str | None) -> None:
-    """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow."""
+           enqueue: Path | None, source: str | None, device: str | None, gpus: str | None,
+           trials_per_gpu: int | None, heartbeat_interval: int, grace_period: int) -> None:
+    """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow.
+
+    Any number of workers, on one machine or many, share a study through the same
+    --storage and --tracking-uri; --trials is the total across all of them.
+    """
     from mapnet_tune import search as s
     from mapnet_tune.config import default_study_file, load_study
 
@@ -104,8 +122,16 @@ def search(dataset: str | None, config_path: str | None, trials: int, study_name
     req = s.SearchRequest(study=study_cfg, study_name=study_name or s.default_study_name(study_cfg),
                           storage=s.resolve_storage(storage), tracking_uri=tracking_uri,
                           trials=trials, timeout_s=_duration(timeout), enqueue=enqueue,
-                          source=source, device=device)
-    study = s.run_search(req)
+                          source=source, device=device, heartbeat_s=heartbeat_interval,
+                          grace_s=grace_period)
+    if trials_per_gpu is not None and gpus is None:
+        raise UserError("--trials-per-gpu needs --gpus, e.g. --gpus 0,1 --trials-per-gpu 2")
+    if gpus is not None:
+        from mapnet_tune.workers import parse_gpus, run_workers
+
+        study = run_workers(req, parse_gpus(gpus), trials_per_gpu or 1)
+    else:
+        study = s.run_search(req)
     click.echo(s.trials_table(study))
     from mapnet_tune.tracking import Tracker
 
@@ -154,21 +180,86 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(), required=True, help="A mapnet-tune .pt file.")
+@click.option("--checkpoint", type=click.Path(), help="A mapnet-tune .pt file.")
+@click.option("--model", "model_uri", metavar="URI",
+              help="A registered model: models:/mapnet-drive@champion or models:/NAME/VERSION.")
 @click.option("--dataset", required=True)
 @click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--protocol", type=click.Choice(["full-image", "sliding-window"]),
               help="Default: the one the model was trained for.")
-@click.option("--stride", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Sliding-window stride (5 is the published protocol).")
+@click.option("--stride", type=click.IntRange(min=1),
+              help="Sliding-window stride [default: the model's, else 5 as published].")
+@click.option("--tracking-uri", help="MLflow store of --model [env MLFLOW_TRACKING_URI].")
 @click.option("--device", help="torch device (default: cuda if present).")
-def evaluate(checkpoint: str, dataset: str, source: str | None, split: str,
-             protocol: str | None, stride: int, device: str | None) -> None:
+def evaluate(checkpoint: str | None, model_uri: str | None, dataset: str, source: str | None,
+             split: str, protocol: str | None, stride: int | None, tracking_uri: str | None,
+             device: str | None) -> None:
     """Score a model on a dataset split; one row in the published tables' order."""
-    from mapnet_tune.evaluation import evaluate_checkpoint
+    from mapnet_tune.evaluation import evaluate_model
 
-    click.echo(evaluate_checkpoint(checkpoint, dataset, source, split, protocol, stride, device))
+    if (checkpoint is None) == (model_uri is None):
+        raise UserError("evaluate needs exactly one of --checkpoint FILE and --model URI")
+    click.echo(evaluate_model(checkpoint or model_uri, dataset, source, split, protocol, stride,
+                              device, tracking_uri))
+
+
+@main.command("retrain-best")
+@click.option("--study", "study_name", help="Study name (default: the storage's only study).")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best finished trials to retrain.")
+@click.option("--folds", type=click.IntRange(min=2),
+              help="K-fold cross-validation over train+val; register the best mean only.")
+@click.option("--force", is_flag=True, help="Retrain trials that are registered already.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="The study file (default: the one the search ran with).")
+@click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
+@click.option("--tracking-uri", help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
+@click.option("--device", help="torch device (default: cuda if present).")
+def retrain_best(study_name: str | None, top_k: int, folds: int | None, force: bool,
+                 config_path: Path | None, storage: str | None, tracking_uri: str | None,
+                 source: str | None, device: str | None) -> None:
+    """Retrain the best trials at full resolution, score them on test and register them."""
+    from mapnet_tune.retrain import RetrainRequest
+    from mapnet_tune.retrain import retrain_best as run
+
+    click.echo(run(RetrainRequest(study_name=study_name, storage=storage,
+                                  tracking_uri=tracking_uri, top_k=top_k, folds=folds,
+                                  force=force, config=config_path, source=source,
+                                  device=device)))
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, metavar="URI",
+              help="models:/mapnet-drive@champion, models:/NAME/VERSION or a .pt file.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for NAME_prob.png and NAME_mask.png per image.")
+@click.option("--tta", is_flag=True, help="Average over flips (test-time augmentation).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--tracking-uri", help="MLflow store of --model [env MLFLOW_TRACKING_URI].")
+@click.option("--device", help="torch device (default: cuda if present).")
+def predict(model_uri: str, images: tuple[str, ...], out: Path, tta: bool, batch_size: int,
+            tracking_uri: str | None, device: str | None) -> None:
+    """Write probability maps and binary masks for images of any size."""
+    from mapnet_tune.predict import predict_files
+
+    click.echo(predict_files(model_uri, images, out, tta=tta, batch_size=batch_size,
+                             tracking_uri=tracking_uri, device=device))
+
+
+@main.command()
+@click.option("--study", "study_name", help="Study name (default: the storage's only study).")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder [default: reports/STUDY].")
+@click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
+@click.option("--tracking-uri", help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+def report(study_name: str | None, out: Path | None, storage: str | None,
+           tracking_uri: str | None) -> None:
+    """The registered champion next to the published tables, with the study's plots."""
+    from mapnet_tune.report import write_report
+
+    click.echo(write_report(study_name, storage, tracking_uri, out))
 
 
 if __name__ == "__main__":

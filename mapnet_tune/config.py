@@ -127,14 +127,27 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """How retrain-best trains the chosen configurations at full resolution."""
+    """How retrain-best trains the chosen configurations at full resolution.
+
+    Attributes:
+        epochs: Training epochs; the final weights are kept (there is no held-out set to pick
+            an epoch on once validation is merged into training).
+        dataset_options: Merged over ``dataset.options`` to prepare the retraining data, e.g.
+            DRIVE ``{patch_size: 256, patches_per_image: 600}`` or ISIC ``{size: 384}``.
+        batch_scale: A trial's batch size is multiplied by this (rounded, at least 1), so that
+            larger samples keep the pixels per optimiser step: (64 / 256)^2 for DRIVE crops.
+        eval_protocol: How the model is scored, and later used: ``full-image`` or
+            ``sliding-window`` (windows the size of the training patches).
+        eval_stride: Sliding-window stride.
+        eval_batch_size: Images (full-image) or windows (sliding-window) per forward pass.
+    """
 
     epochs: int = 20
-    patch_size: int | None = None
-    patches_per_image: int | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    batch_scale: float = 1.0
     eval_protocol: str = "full-image"
     eval_stride: int = 16
+    eval_batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,12 @@ class StudyConfig:
         return out
 
     def digest(self) -> str:
-        """A short hash of everything that makes trials comparable (not the file's path)."""
-        payload = {k: v for k, v in asdict(self).items() if k != "path"}
+        """A short hash of everything that makes trials comparable.
+
+        Neither the file's path nor the retrain section counts: retraining settings may be
+        tuned after a search without splitting its study.
+        """
+        payload = {k: v for k, v in asdict(self).items() if k not in ("path", "retrain")}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -248,7 +265,8 @@ def _param(path: str, name: str, raw: Any) -> ParamSpec:
     high = _typed(path, f"{key}.high", raw["high"], kind_type)
     log = _typed(path, f"{key}.log", raw.get("log", False), bool)
     if not low < high:
-        raise UserError(f"{_where(path, key)} is an empty range: low {low} must be below high {high}")
+        raise UserError(f"{_where(path, key)} is an empty range: low {low} must be below "
+                        f"high {high}")
     if log and low <= 0:
         raise UserError(f"{_where(path, key)} is log-scaled, so low must be positive, got {low}")
     return ParamSpec(name=name, kind="int" if is_int else "float", low=low, high=high, log=log)
@@ -332,10 +350,12 @@ def parse_study(raw: Any, path: str) -> StudyConfig:
     _validate_space(path, space)
     rt = raw.get("retrain") or {}
     retrain = _section(path, "retrain", rt, RetrainConfig,
-                       {"epochs": int, "patch_size": (int, type(None)),
-                        "patches_per_image": (int, type(None)), "dataset_options": dict,
-                        "eval_protocol": str, "eval_stride": int})
-    _choice(path, "retrain.eval_protocol", retrain.eval_protocol, EVAL_PROTOCOLS)
+                       {"epochs": int, "dataset_options": dict, "batch_scale": float,
+                        "eval_protocol": str, "eval_stride": int, "eval_batch_size": int})
+    for key in ("epochs", "batch_scale", "eval_stride", "eval_batch_size"):
+        _positive(path, f"retrain.{key}", getattr(retrain, key))
+    # Test images have no patch coordinates: a retrained model is scored on whole images.
+    _choice(path, "retrain.eval_protocol", retrain.eval_protocol, EVAL_PROTOCOLS[1:])
     return StudyConfig(path=path, dataset=dataset, model=model, train=train, objective=objective,
                        sampler=sampler, pruner=pruner, space=space, retrain=retrain)
 
@@ -347,14 +367,24 @@ def load_study(path: str | Path) -> StudyConfig:
         UserError: When the file is missing, is not YAML, or has a bad key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; pass --config with an existing file "
-                        f"(examples are in studies/)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"study file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    raw = read_yaml(path, "study file", "pass --config with an existing file (examples are in "
+                                        "studies/)")
     return parse_study(raw or {}, str(path))
+
+
+def read_yaml(path: Path, what: str, fix: str) -> Any:
+    """Safely load a YAML file a user named (never executes tags).
+
+    Raises:
+        UserError: ``"<what> <path> does not exist; <fix>"`` or that it is not valid YAML.
+    """
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{what} {path} is not valid YAML: {first}") from None
 
 
 def default_study_file(dataset: str) -> Path:

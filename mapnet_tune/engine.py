@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mapnet_tune.data import Split
-from mapnet_tune.data.augment import Augment
+from mapnet_tune.data.augment import Augment, BatchAugment
 from mapnet_tune.metrics import MetricAccumulator
 
 EpochCallback = Callable[[int, dict[str, float], nn.Module], None]
@@ -92,18 +92,19 @@ def _gather_patches(images: torch.Tensor, coords: torch.Tensor, size: int) -> to
 class Batches:
     """Seeded training batches from a split: its patches if it has them, else whole images.
 
-    Without augmentation the arrays live on the device and batches are gathered there; with
-    albumentations the samples pass through the CPU first.
+    Without augmentation, or with a :class:`BatchAugment`, the arrays live on the device and
+    batches are gathered and augmented there; per-sample albumentations needs the CPU.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device,
-                 augment: Augment | None, seed: int) -> None:
+                 augment: Augment | BatchAugment | None, seed: int) -> None:
         self.split = split
         self.batch_size = batch_size
         self.device = device
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        home = torch.device("cpu") if augment else device
+        per_sample = augment is not None and not isinstance(augment, BatchAugment)
+        home = torch.device("cpu") if per_sample else device
         self.images = torch.from_numpy(split.images).to(home)
         self.masks = torch.from_numpy(split.masks).to(home)
         self.coords = (torch.from_numpy(split.patches.astype(np.int64)).to(home)
@@ -130,6 +131,9 @@ class Batches:
                 y = _gather_patches(self.masks, coords, size)
             else:
                 x, y = self.images[idx], self.masks[idx]
+            if isinstance(self.augment, BatchAugment):
+                yield self.augment(x.float(), y.float())
+                continue
             if self.augment is not None:
                 pairs = [self.augment(xi.numpy(), yi.numpy()) for xi, yi in zip(x, y, strict=True)]
                 x = torch.from_numpy(np.stack([p[0] for p in pairs]))
@@ -148,17 +152,20 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_padded(x)
 
 
-def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings,
-        augment: Augment | None = None, on_epoch: EpochCallback | None = None,
+def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettings,
+        augment: Augment | BatchAugment | None = None, on_epoch: EpochCallback | None = None,
         device: torch.device | None = None) -> FitResult:
     """Train with Adam and the weighted BCE, validating after every epoch.
 
     Args:
         model: A MAP-Net (or any module returning logits of the input's size).
         train: Training split (patches or whole images).
-        val: Validation split, scored with ``settings.eval_protocol``.
+        val: Validation split, scored with ``settings.eval_protocol``; None trains for all
+            epochs without validation (the model then holds the final weights and the result
+            has no best epoch).
         settings: Hyperparameters and budget.
-        augment: Optional per-sample augmentation.
+        augment: Optional augmentation: per sample (albumentations, on the CPU) or a
+            :class:`BatchAugment` (whole batches on the training device).
         on_epoch: Called as ``on_epoch(epoch, metrics, model)`` after each validation; may
             raise to stop training (the exception propagates).
         device: Where to train; default :func:`pick_device`.
@@ -192,16 +199,19 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings,
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; "
                                      f"the learning rate {settings.lr:g} is probably too high")
-        metrics = {"train/loss": train_loss,
-                   **evaluate(model, val, settings.eval_protocol, "val", device=device,
-                              stride=settings.eval_stride, batch_size=settings.eval_batch_size)}
+        metrics = {"train/loss": train_loss}
+        if val is not None:
+            metrics.update(evaluate(model, val, settings.eval_protocol, "val", device=device,
+                                    stride=settings.eval_stride,
+                                    batch_size=settings.eval_batch_size))
+            if settings.objective not in metrics:
+                raise KeyError(f"objective metric '{settings.objective}' is not among the "
+                               f"computed metrics: {', '.join(sorted(metrics))}")
         metrics["time/epoch_end_s"] = time.perf_counter() - start
         result.history.append(metrics)
-        if settings.objective not in metrics:
-            raise KeyError(f"objective metric '{settings.objective}' is not among the computed "
-                           f"metrics: {', '.join(sorted(metrics))}")
-        if _better(metrics[settings.objective], result.best_metrics.get(settings.objective),
-                   settings.maximize):
+        if val is not None and _better(metrics[settings.objective],
+                                       result.best_metrics.get(settings.objective),
+                                       settings.maximize):
             result.best_epoch, result.best_metrics = epoch, metrics
             result.best_state = {k: v.detach().to("cpu", copy=True)
                                  for k, v in model.state_dict().items()}
@@ -280,7 +290,8 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
     probs = torch.empty(len(windows), 1, window, window, device=device)
     for i in range(0, len(windows), batch_size):
         with autocast(device):
-            probs[i:i + batch_size] = torch.sigmoid(_forward(model, windows[i:i + batch_size]).float())
+            logits = _forward(model, windows[i:i + batch_size])
+        probs[i:i + batch_size] = torch.sigmoid(logits.float())
     summed = F.fold(probs.reshape(len(windows), -1).T[None], (ph, pw), window, stride=stride)
     counts = F.fold(torch.ones_like(probs).reshape(len(windows), -1).T[None], (ph, pw), window,
                     stride=stride)
@@ -290,7 +301,8 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val", *,
              device: torch.device | None = None, stride: int = 16, batch_size: int = 64,
-             legacy: bool = False, window: int = 64) -> dict[str, float]:
+             legacy: bool = False, window: int = 64,
+             accumulator: MetricAccumulator | None = None) -> dict[str, float]:
     """Score a split with pooled counts over its evaluated pixels (its FOV when it has one).
 
     Args:
@@ -298,12 +310,14 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
             ``full-image`` or ``sliding-window``.
         prefix: Metric key prefix (``val`` or ``test``).
         legacy: Also report the published "JS" (pixel accuracy) and thresholded AUC.
+        accumulator: Collects the counts and histograms; pass a fresh one to read more than
+            the metrics afterwards (e.g. its ROC curve).
 
     Returns:
         Metrics keyed ``prefix/name``.
     """
     device = device or pick_device()
-    acc = MetricAccumulator()
+    acc = accumulator if accumulator is not None else MetricAccumulator()
     if protocol == "patches":
         if split.patches is None:
             raise ValueError("protocol 'patches' needs a split with patch coordinates; "

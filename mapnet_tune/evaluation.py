@@ -2,36 +2,80 @@
 
 from __future__ import annotations
 
-from mapnet_tune import checkpoint, engine
+from mapnet_tune import engine
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError
 from mapnet_tune.metrics import format_header, format_row
+from mapnet_tune.predict import load_model
+
+#: The published DRIVE protocol's stride, for models that do not record one.
+PUBLISHED_STRIDE = 5
 
 
-def evaluate_checkpoint(path: str, dataset: str, source: str | None, split: str,
-                        protocol: str | None, stride: int, device: str | None) -> str:
-    """Evaluate a checkpoint and return the printable result.
+def evaluate_model(
+    ref: str,
+    dataset: str,
+    source: str | None,
+    split: str,
+    protocol: str | None,
+    stride: int | None,
+    device: str | None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Evaluate a checkpoint file or a registered model and return the printable result.
 
-    The dataset is prepared with the options recorded in the checkpoint, so the model sees
-    the preprocessing it was trained with. The protocol defaults to the recorded one.
+    The dataset is prepared with the options recorded with the model, so the model sees the
+    preprocessing and resolution it was trained with. Protocol, stride and window default to
+    the recorded ones, so a registered model reproduces the numbers logged when it was
+    registered.
+
+    Args:
+        ref: A checkpoint path or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``.
+        dataset: The dataset to score on; must be the one the model was trained on.
+        source: Dataset folder (default: the prepared one).
+        split: ``train``, ``val`` or ``test``.
+        protocol: ``full-image`` or ``sliding-window``; default the recorded one.
+        stride: Sliding-window stride; default the recorded one, else 5 (published).
+        device: torch device; default CUDA when present.
+        tracking_uri: The MLflow store for registry URIs.
 
     Raises:
-        UserError: Unknown split, a model trained on another dataset, or bad data.
+        UserError: Unknown model or split, a model trained on another dataset, or bad data.
     """
-    model, meta = checkpoint.load(path)
+    model, meta, label = load_model(ref, tracking_uri)
     if meta.get("dataset") not in (None, dataset):
-        raise UserError(f"checkpoint {path} was trained on '{meta['dataset']}', not '{dataset}'; "
-                        f"pass --dataset {meta['dataset']}")
+        raise UserError(
+            f"{label} was trained on '{meta['dataset']}', not '{dataset}'; "
+            f"pass --dataset {meta['dataset']}"
+        )
     data = prepare(dataset, source, meta.get("dataset_options", {}))
     if split not in data.splits:
-        raise UserError(f"dataset '{dataset}' has no '{split}' split here (it has "
-                        f"{', '.join(data.splits)}); pass --split with one of those")
+        raise UserError(
+            f"dataset '{dataset}' has no '{split}' split here (it has "
+            f"{', '.join(data.splits)}); pass --split with one of those"
+        )
     protocol = protocol or meta.get("eval_protocol", "full-image")
+    stride = stride or meta.get("eval_stride", PUBLISHED_STRIDE)
     dev = engine.pick_device(device)
-    metrics = engine.evaluate(engine.prepare_model(model, dev), data.splits[split], protocol,
-                              split, device=dev, stride=stride, legacy=True,
-                              window=meta.get("patch_size") or 64)
+    metrics = engine.evaluate(
+        engine.prepare_model(model, dev),
+        data.splits[split],
+        protocol,
+        split,
+        device=dev,
+        stride=stride,
+        legacy=True,
+        batch_size=meta.get("eval_batch_size", 64),
+        window=meta.get("eval_window") or meta.get("patch_size") or 64,
+    )
     where = f"stride {stride}" if protocol == "sliding-window" else "whole images"
-    return (f"{dataset} {split}: {len(data.splits[split].images)} images, protocol {protocol} "
-            f"({where}), dataset fingerprint {data.fingerprint}\n{format_header()}\n"
-            + format_row(metrics, split))
+    lines = [
+        f"{label} on {dataset} {split}: {len(data.splits[split].images)} images, protocol "
+        f"{protocol} ({where}), dataset fingerprint {data.fingerprint}"
+    ]
+    if meta.get("fingerprint") not in (None, data.fingerprint):
+        lines.append(
+            f"note: the model was trained and scored on dataset fingerprint "
+            f"{meta['fingerprint']}; these files or options differ"
+        )
+    return "\n".join([*lines, format_header(), format_row(metrics, split)])

@@ -192,6 +192,32 @@ class MetricAccumulator:
         above = np.cumsum(positives[::-1])[::-1] - positives
         return float((negatives * (above + positives / 2)).sum() / (n_pos * n_neg))
 
+    def roc(self, max_points: int | None = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """The ROC curve from the histograms, one point per occupied bin threshold.
+
+        The trapezoidal area under these points (all of them) is :meth:`auc`.
+
+        Args:
+            max_points: Keep at most this many points, evenly spaced along the curve and
+                always including (0, 0) and (1, 1); None keeps every point.
+
+        Returns:
+            (fpr, tpr), both increasing from 0 to 1 (NaN when one class is absent).
+        """
+        if self._histogram is None:
+            raise ValueError("no batches added; call update() first")
+        negatives, positives = self._histogram.double().cpu().numpy()
+        occupied = (negatives + positives) > 0
+        # Thresholds from the highest bin down: each point counts everything at or above it.
+        fp = np.concatenate([[0.0], np.cumsum(negatives[occupied][::-1])])
+        tp = np.concatenate([[0.0], np.cumsum(positives[occupied][::-1])])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fpr, tpr = fp / fp[-1], tp / tp[-1]
+        if max_points is not None and len(fpr) > max_points:
+            keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+            fpr, tpr = fpr[keep], tpr[keep]
+        return fpr, tpr
+
     def compute(self, prefix: str = "val", legacy: bool = False) -> dict[str, float]:
         """Metrics of everything added, keyed ``prefix/name``.
 

@@ -7,14 +7,17 @@ store; there is no scheduler of our own.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,13 @@ import optuna
 import sqlalchemy.exc
 import torch
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mapnet_tune import engine
-from mapnet_tune.config import StudyConfig, check_channels
+from mapnet_tune.config import StudyConfig, check_channels, read_yaml
 from mapnet_tune.data import PreparedDataset, prepare
-from mapnet_tune.data.augment import build_augment
-from mapnet_tune.errors import UserError
+from mapnet_tune.data.augment import augmentation_for
+from mapnet_tune.errors import UserError, redact_url
 from mapnet_tune.model import MAPNet
 from mapnet_tune.tracking import Tracker, git_sha
 from mapnet_tune.viz import overlay_panel
@@ -38,9 +41,24 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 #: Trials that count towards ``--trials``: finished ones and those running right now (so two
 #: workers do not both start the last trial). Failed trials do not count: they are retried.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: Defaults of ``--heartbeat-interval`` and ``--grace-period``: a running trial records a
+#: heartbeat this often, and one silent for the grace period counts as lost (worker killed,
+#: machine gone), is marked failed and re-queued.
 HEARTBEAT_S = 30
 GRACE_S = 90
+#: How often a lost trial is re-queued before its parameters are given up.
+LOST_RETRIES = 2
+#: Longest pause between two looks at the study while a worker waits for others.
+POLL_S = 5
 PARENT_ATTR = "mlflow_parent_run_id"
+#: How long a worker that did not create the study waits for its creator's parent run.
+PARENT_WAIT_S = 60
+#: User attribute of a trial handed back unrun because the study was already full.
+SURPLUS_ATTR = "surplus"
+# Workers starting together on a new database race to create Optuna's tables; the losers
+# find them created on a later try.
+_SCHEMA_TRIES = 3
 OVERLAY_IMAGES = 4
 
 # Optuna logs a full traceback for every failed trial; we print one line per failure
@@ -52,16 +70,31 @@ class StudyTimeout(KeyboardInterrupt):
     """``--timeout`` ran out mid-trial. Handled like Ctrl-C: the trial is re-queued."""
 
 
+class SurplusTrial(Exception):
+    """Lower-numbered trials already fill the study, so this one is handed back unrun."""
+
+
 def resolve_storage(storage: str | None) -> str:
     """``storage``, else ``$MAPNET_TUNE_STORAGE``, else ``sqlite:///optuna.db`` in the cwd."""
     return storage or os.environ.get("MAPNET_TUNE_STORAGE") or DEFAULT_STORAGE
 
 
-def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats, so a killed worker's trial is failed and retried.
+def open_storage(url: str, heartbeat: bool = True, *, heartbeat_s: int = HEARTBEAT_S,
+                 grace_s: int = GRACE_S,
+                 on_lost: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+                 ) -> optuna.storages.RDBStorage:
+    """An RDB storage, with heartbeats so that a lost worker's trial is failed and retried.
+
+    Args:
+        url: An SQLAlchemy URL.
+        heartbeat: Record heartbeats of running trials; off for commands that only read.
+        heartbeat_s: Seconds between two heartbeats of a running trial.
+        grace_s: Seconds without a heartbeat after which a running trial counts as lost.
+        on_lost: Called by whichever worker finds a lost trial, once it is marked failed;
+            by default the trial is re-queued.
 
     Raises:
-        UserError: When the database cannot be reached.
+        UserError: When the database cannot be reached, or the grace period is too short.
     """
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -69,33 +102,76 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.RDBStorage
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats are marked experimental; they are what makes crash recovery work.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if heartbeat:
-                kwargs["heartbeat_stale_trial_callback"] = (
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-            return optuna.storages.RDBStorage(url, **kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"Optuna storage {_safe_url(url)} cannot be opened ({first}); check the "
-                        f"URL (e.g. postgresql+psycopg2://user@host/db) and that the database "
-                        f"is running, or pass --storage / set MAPNET_TUNE_STORAGE") from None
+    with warnings.catch_warnings():
+        # Heartbeats are marked experimental; they are what makes crash recovery work.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat:
+            if grace_s <= heartbeat_s:
+                raise UserError(f"--grace-period ({grace_s} s) must be longer than "
+                                f"--heartbeat-interval ({heartbeat_s} s), or live trials would "
+                                f"count as lost")
+            kwargs.update(heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                          heartbeat_stale_trial_callback=on_lost or _retry_lost())
+        attempt = 1
+        while True:
+            try:
+                return optuna.storages.RDBStorage(url, **kwargs)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+                if attempt == _SCHEMA_TRIES:
+                    raise _storage_error(url, exc) from None
+                time.sleep(attempt)
+                attempt += 1
+            except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+                raise _storage_error(url, exc) from None
 
 
-def _safe_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
+def _storage_error(url: str, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"Optuna storage {redact_url(url)} cannot be opened ({first}); check the "
+                     f"URL (e.g. postgresql+psycopg2://user@host/db) and that the database "
+                     f"is running, or pass --storage / set MAPNET_TUNE_STORAGE")
 
 
-def load_existing_study(storage: str | None, name: str) -> optuna.Study:
-    """A study that must already exist.
+def _retry_lost() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=LOST_RETRIES)
+
+
+class LostTrialCallback:
+    """Re-queue a trial whose worker stopped sending heartbeats; mark its MLflow run FAILED.
+
+    Optuna calls it in whichever worker finds the stale trial, after marking the trial
+    FAIL, so a run is not left RUNNING when its worker was killed or its machine lost.
+
+    Args:
+        tracker: Where the lost trial's run lives.
+        grace_s: The grace period, for the message.
+    """
+
+    def __init__(self, tracker: Tracker, grace_s: int) -> None:
+        self.tracker, self.grace_s = tracker, grace_s
+        self.retry = _retry_lost()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Re-queue ``trial`` (up to ``LOST_RETRIES`` times) and end its run as FAILED."""
+        requeued = len(trial.system_attrs.get("retry_history", [])) < LOST_RETRIES
+        self.retry(study, trial)
+        why = (f"worker lost: no heartbeat for {self.grace_s} s; "
+               f"{'re-queued' if requeued else f'not re-queued after {LOST_RETRIES} retries'}")
+        print(f"t{trial.number:04d} FAILED: {why}", file=sys.stderr, flush=True)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return
+        try:
+            self.tracker.end_run(run_id, "FAILED", why)
+        except Exception as exc:  # an old run must not stop a live worker
+            print(f"warning: could not mark MLflow run {run_id} FAILED: {exc}",
+                  file=sys.stderr, flush=True)
+
+
+def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
+    """A study that must already exist; with no name, the storage's only study.
 
     Raises:
         UserError: Listing the studies that do exist.
@@ -103,8 +179,13 @@ def load_existing_study(storage: str | None, name: str) -> optuna.Study:
     url = resolve_storage(storage)
     store = open_storage(url, heartbeat=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if name is None and len(names) == 1:
+        name = names[0]
+    elif name is None:
+        raise UserError(f"{redact_url(url)} holds {len(names)} studies; pass --study NAME with one "
+                        f"of: {', '.join(sorted(names)) or '(none: run mapnet-tune search first)'}")
     if name not in names:
-        raise UserError(f"no study '{name}' in {_safe_url(url)}; existing studies: "
+        raise UserError(f"no study '{name}' in {redact_url(url)}; existing studies: "
                         f"{', '.join(sorted(names)) or '(none)'}; pass --study NAME or --storage")
     return optuna.load_study(study_name=name, storage=store)
 
@@ -133,13 +214,60 @@ class SearchRequest:
     enqueue: Path | None = None
     source: str | None = None
     device: str | None = None
+    heartbeat_s: int = HEARTBEAT_S
+    grace_s: int = GRACE_S
 
 
 def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    if study.sampler.name == "random":
-        return optuna.samplers.RandomSampler(seed=study.sampler.seed)
-    return optuna.samplers.TPESampler(seed=study.sampler.seed,
-                                      n_startup_trials=study.sampler.n_startup_trials)
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        if study.sampler.name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed,
+                                          n_startup_trials=study.sampler.n_startup_trials)
+
+    return TrialSeededSampler(make, study.sampler.seed)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler made anew for every trial, seeded from the study seed and the trial number.
+
+    One seeded stream per worker would make workers that share a study propose the same
+    parameters, and a resumed study repeat its first proposals. Per-trial seeds give each
+    trial its own stream, whichever worker runs it. Optuna's samplers keep no state between
+    trials but their random state (the history comes from the storage), so nothing is lost.
+
+    Args:
+        make: Builds the underlying sampler from a seed.
+        seed: The study seed.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Seed a fresh sampler for ``trial``."""
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        """As the underlying sampler."""
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict) -> dict[str, Any]:
+        """As the underlying sampler."""
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        """As the underlying sampler."""
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        """As the underlying sampler."""
+        self._inner.after_trial(study, trial, state, values)
 
 
 def _pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -168,6 +296,38 @@ def suggest(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
     return params
 
 
+def build_model(study: StudyConfig, channels: int) -> MAPNet:
+    """A freshly initialised MAP-Net as the study file describes it."""
+    return MAPNet(in_channels=channels, out_channels=1, width=study.model.width,
+                  head_interpolation=study.model.head_interpolation,
+                  bn_momentum=study.model.bn_momentum)
+
+
+def claim_slot(trial: optuna.Trial, target: int) -> None:
+    """Hand ``trial`` back, unrun, when lower-numbered trials already reach ``target``.
+
+    Workers count trials before asking for one, so two of them can both start the last
+    one; the trial numbers, which the storage hands out one by one, decide which of them
+    runs it. The other is marked FAIL (the one finished state that never counts as done)
+    with the user attribute ``surplus``, left out of every count and report, and, if it
+    came from the queue, its parameters are queued again.
+
+    Raises:
+        SurplusTrial: When the trial is not needed.
+    """
+    trials = trial.study.get_trials(deepcopy=False)
+    ahead = sum(t.number < trial.number and t.state in COUNTED for t in trials)
+    if ahead < target:
+        return
+    own = next(t for t in trials if t.number == trial.number)
+    queued = {**own.system_attrs.get("fixed_params", {}), **own.params}
+    if queued:
+        trial.study.enqueue_trial(queued, user_attrs={
+            k: v for k, v in own.user_attrs.items() if k != "mlflow_run_id"})
+    trial.set_user_attr(SURPLUS_ATTR, True)
+    raise SurplusTrial(f"{ahead} lower-numbered trials already reach --trials")
+
+
 class Progress:
     """One status line per event on stderr: trial i of N, epoch, best so far, pruned/failed."""
 
@@ -177,9 +337,9 @@ class Progress:
     def line(self, text: str) -> None:
         """Print a progress line with the study-wide counters."""
         trials = self.study.get_trials(deepcopy=False)
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        done = sum(t.state in FINISHED for t in trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
+        failed = sum(t.state == TrialState.FAIL and not is_surplus(t) for t in trials)
         try:
             best = f"{self.study.best_value:.4f} (t{self.study.best_trial.number:04d})"
         except ValueError:
@@ -200,6 +360,11 @@ class Objective:
         self.device = engine.pick_device(req.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            claim_slot(trial, self.req.trials)
+        except SurplusTrial:
+            self.progress.line(f"t{trial.number:04d} not needed: other workers fill the study")
+            raise
         study = self.req.study
         params = suggest(trial, study)
         batch_override = trial.user_attrs.get("batch_size_override")
@@ -241,10 +406,8 @@ class Objective:
     def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str) -> float:
         study = self.req.study
         torch.manual_seed(seed)
-        model = MAPNet(in_channels=self.data.channels, out_channels=1, width=study.model.width,
-                       head_interpolation=study.model.head_interpolation,
-                       bn_momentum=study.model.bn_momentum)
-        augment = build_augment(params, self.data.channels, seed)
+        model = build_model(study, self.data.channels)
+        augment = augmentation_for(params, self.data.channels, seed, self.device)
         budget = study.train.max_minutes * 60 if study.train.max_minutes else None
         settings = engine.TrainSettings(
             epochs=study.train.epochs, batch_size=int(params["batch_size"]), lr=params["lr"],
@@ -325,24 +488,30 @@ def _improves(value: float, best: float, maximize: bool) -> bool:
     return math.isnan(best) or (value > best if maximize else value < best)
 
 
-def _ensure_parent(study: optuna.Study, tracker: Tracker, experiment_id: str,
+def _ensure_parent(study: optuna.Study, created: bool, tracker: Tracker, experiment_id: str,
                    req: SearchRequest) -> str:
-    """The study's one parent run, created by whichever worker gets there first.
+    """The study's one parent run, created by the worker that created the study.
 
-    Two workers starting together may both create one; each writes its id to the study's
-    user attributes, waits, and reads back: the last write wins everywhere and the losers
-    delete their runs.
+    Creating the study is atomic in the storage, so exactly one of several workers started
+    together creates it; the others wait for its parent run id in the study's user
+    attributes. Should that worker die first, each waiting worker creates a run, writes its
+    id, waits and reads back: the last write wins everywhere and the losers delete theirs.
     """
     existing = study.user_attrs.get(PARENT_ATTR)
+    waited = 0.0
+    while not existing and not created and waited < PARENT_WAIT_S:
+        time.sleep(0.5)
+        waited += 0.5
+        existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
         return existing
     run_id = tracker.create_run(experiment_id, f"{req.study.dataset.name}-study", {
         "optuna.study": req.study_name, "mapnet_tune.role": "study", "git.sha": git_sha(),
-        "optuna.storage": _safe_url(req.storage)})
+        "optuna.storage": redact_url(req.storage)})
     study.set_user_attr(PARENT_ATTR, run_id)
-    time.sleep(1.0)
-    winner = optuna.load_study(study_name=study.study_name,
-                               storage=study._storage).user_attrs[PARENT_ATTR]
+    if not created:
+        time.sleep(1.0)
+    winner = study.user_attrs[PARENT_ATTR]
     if winner != run_id:
         tracker.delete_run(run_id)
         return winner
@@ -361,11 +530,18 @@ def _space_text(study: StudyConfig) -> str:
     return "; ".join(parts)
 
 
-def _open_study(req: SearchRequest) -> optuna.Study:
-    storage = open_storage(req.storage)
-    study = optuna.create_study(storage=storage, study_name=req.study_name,
-                                sampler=_sampler(req.study), pruner=_pruner(req.study),
-                                direction=req.study.objective.direction, load_if_exists=True)
+def _open_study(req: SearchRequest, tracker: Tracker) -> tuple[optuna.Study, bool]:
+    """The study, created if missing; True when this worker created it."""
+    storage = open_storage(req.storage, heartbeat_s=req.heartbeat_s, grace_s=req.grace_s,
+                           on_lost=LostTrialCallback(tracker, req.grace_s))
+    where = {"storage": storage, "study_name": req.study_name, "sampler": _sampler(req.study),
+             "pruner": _pruner(req.study)}
+    try:
+        study = optuna.create_study(direction=req.study.objective.direction, **where)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**where)
+        created = False
     digest = study.user_attrs.get("config_digest")
     if digest is None:
         study.set_user_attr("config_digest", req.study.digest())
@@ -374,10 +550,10 @@ def _open_study(req: SearchRequest) -> optuna.Study:
         study.set_user_attr("objective", req.study.objective.metric)
     elif digest != req.study.digest():
         raise UserError(
-            f"study '{req.study_name}' in {_safe_url(req.storage)} was created from different "
+            f"study '{req.study_name}' in {redact_url(req.storage)} was created from different "
             f"settings than {req.study.path}; restore that file or pass --study NEW_NAME to start "
             f"a new study")
-    return study
+    return study, created
 
 
 def enqueue_file(study: optuna.Study, path: Path) -> int:
@@ -389,13 +565,8 @@ def enqueue_file(study: optuna.Study, path: Path) -> int:
     Raises:
         UserError: When the file is missing or not in the export format.
     """
-    if not path.is_file():
-        raise UserError(f"--enqueue file {path} does not exist; write one with "
-                        f"`mapnet-tune export-best --out {path}`")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"--enqueue file {path} is not valid YAML: {exc}") from None
+    doc = read_yaml(path, "--enqueue file",
+                    f"write one with `mapnet-tune export-best --out {path}`")
     entries = doc.get("trials") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("params"), dict) for e in entries):
@@ -406,52 +577,127 @@ def enqueue_file(study: optuna.Study, path: Path) -> int:
     return len(entries)
 
 
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards the study-wide ``--trials`` total."""
-    return len(study.get_trials(deepcopy=False, states=COUNTED))
+def is_surplus(trial: FrozenTrial) -> bool:
+    """A trial handed back unrun because the study was already full (see ``Objective``)."""
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(SURPLUS_ATTR))
 
 
 def run_search(req: SearchRequest) -> optuna.Study:
     """Run trials until the study holds ``req.trials`` finished trials or the time is up.
 
-    Safe to run in several processes on one study: each asks the storage for the next trial.
+    Safe to run in several processes, on one or many machines, on one study: each asks the
+    storage for the next trial, and a worker whose trials are all done waits for the others
+    (see :func:`_work`).
 
     Raises:
         UserError: For a bad study file, unreachable storage or tracking server, or bad data.
         KeyboardInterrupt: On Ctrl-C, after marking the running trial and re-queueing it.
     """
-    tracker = Tracker(req.tracking_uri)
+    tracker = Tracker(req.tracking_uri, tolerate_outages=True)
     tracker.check_reachable()
-    study = _open_study(req)
+    study, created = _open_study(req, tracker)
+    # The parent run comes before the data, so that workers started together wait for it
+    # seconds, not for however long the creator takes to prepare a dataset.
+    experiment_id = tracker.experiment(req.study_name)
+    parent = _ensure_parent(study, created, tracker, experiment_id, req)
     data = prepare(req.study.dataset.name, req.source or req.study.dataset.source,
                    req.study.dataset.options)
     check_channels(req.study, data.channels)
     if req.enqueue is not None:
         enqueue_file(study, req.enqueue)
-    experiment_id = tracker.experiment(req.study_name)
-    parent = _ensure_parent(study, tracker, experiment_id, req)
     tracker.set_tags(parent, {"dataset.fingerprint": data.fingerprint})
     progress = Progress(study, req.trials, req.study.objective.metric)
     deadline = time.time() + req.timeout_s if req.timeout_s else None
     objective = Objective(req, data, tracker, experiment_id, parent, progress, deadline)
     try:
-        while counted_trials(study) < req.trials:
-            if deadline is not None and time.time() > deadline:
-                raise StudyTimeout
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+        with _sigterm_as_interrupt():
+            _work(study, objective, tracker, progress, req, deadline)
     except StudyTimeout:
         progress.line("time limit reached; run the same command to continue")
         return study
+    finally:
+        left = tracker.flush_pending()
+        if left:
+            progress.line(f"MLflow runs {', '.join(left)} stay RUNNING: the tracking server "
+                          f"did not come back before this worker stopped")
     progress.line("study complete")
     return study
 
 
-def trials_table(study: optuna.Study, top: int = 10) -> str:
-    """A Markdown table of the best finished trials with parameters and metrics."""
+def _work(study: optuna.Study, objective: Objective, tracker: Tracker, progress: Progress,
+          req: SearchRequest, deadline: float | None) -> None:
+    """Run trials until the study holds ``req.trials`` finished ones, across all workers.
+
+    When the trials still needed are all running on other workers, wait instead of
+    leaving: should one of those workers be lost, its trial is re-queued after the grace
+    period and this worker runs it. While the tracking server is down, wait before
+    starting a trial (the one running when it went down still finishes and reaches Optuna).
+    """
+    shown = ""
+    while True:
+        _fail_lost_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if finished >= req.trials:
+            return
+        if deadline is not None and time.time() > deadline:
+            raise StudyTimeout
+        outage = tracker.outage()
+        if outage is not None:
+            why = (f"MLflow tracking server unreachable ({outage}); the next trial starts when "
+                   f"it is back")
+        elif finished + running >= req.trials:
+            why = (f"waiting for {running} trial(s) running on other workers (a lost worker's "
+                   f"trial is re-queued {req.grace_s} s after its last heartbeat)")
+        else:
+            tracker.flush_pending()
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            shown = ""
+            continue
+        if why != shown:
+            progress.line(why)
+            shown = why
+        time.sleep(min(POLL_S, req.heartbeat_s))
+
+
+def _fail_lost_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Stop on SIGTERM (``docker stop``, the ``--gpus`` launcher) as on Ctrl-C.
+
+    The running trial is then marked and re-queued instead of waiting out the grace period.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The completed trials, best first by the study's direction."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    trials.sort(key=lambda t: t.value, reverse=maximize)
+    return sorted(trials, key=lambda t: t.value, reverse=maximize)
+
+
+def trials_table(study: optuna.Study, top: int = 10) -> str:
+    """A Markdown table of the best finished trials with parameters and metrics."""
+    trials = ranked_trials(study)
     metric = study.user_attrs.get("objective", "value")
     names = sorted({k for t in trials for k in t.params})
     extra = ["val/f1", "val/auc", "val/accuracy"]
@@ -464,7 +710,8 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
                  str(t.user_attrs.get("best_epoch", -1) + 1),
                  *(_fmt(t.params.get(k)) for k in names), t.user_attrs.get("mlflow_run_id", "-")]
         rows.append("| " + " | ".join(cells) + " |")
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+    kept = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
+    counts = {s.name.lower(): sum(t.state == s for t in kept)
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                         TrialState.RUNNING, TrialState.WAITING)}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -479,13 +726,10 @@ def _fmt(value: Any) -> str:
 
 def export_best(study: optuna.Study, top: int = 1) -> str:
     """YAML with the best trials' parameters, readable by ``search --enqueue``."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.value is not None]
+    trials = ranked_trials(study)
     if not trials:
         raise UserError(f"study '{study.study_name}' has no completed trial yet; run "
                         f"`mapnet-tune search` until one completes")
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    trials.sort(key=lambda t: t.value, reverse=maximize)
     doc = {"study": study.study_name, "objective": study.user_attrs.get("objective"),
            "trials": [{"trial": t.number, "value": float(t.value), "params": dict(t.params)}
                       for t in trials[:top]]}

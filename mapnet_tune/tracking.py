@@ -7,34 +7,43 @@ worker processes can share one experiment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mapnet_tune.errors import UserError
+from mapnet_tune.errors import UserError, redact_url
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# MLflow prints a link to stdout for every run ended on a server; the table has the ids.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+# The HTTP client logs each retry of a failed request; an outage gets one line of our own.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_ROLE = "study"
 # MLflow caps a param value at 6000 characters; ours are short, but fail loudly, not silently.
 _MAX_PARAM = 6000
+# How long writes are dropped without trying after the tracking server was found unreachable.
+_RETRY_S = 15.0
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -42,12 +51,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _hide_password(uri: str) -> str:
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return uri
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 class Tracker:
@@ -56,30 +61,82 @@ class Tracker:
     Args:
         tracking_uri: An ``http(s)://`` server or a database URI; see
             :func:`resolve_tracking_uri`.
+        tolerate_outages: For long-running workers: when the server cannot be reached, writes
+            to runs are skipped (with one warning) instead of raising, and final run statuses
+            are held back until :meth:`flush_pending` can deliver them.
     """
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, tolerate_outages: bool = False) -> None:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.tolerate_outages = tolerate_outages
+        self._down_since: float | None = None
+        self._pending: dict[str, tuple[str, str | None]] = {}
 
     def check_reachable(self) -> None:
         """Fail fast, before any training, when the tracking server cannot be reached.
 
         Raises:
-            UserError: One line naming the server and what to do.
+            UserError: One line naming the server and what to do, also when the server
+                refuses the credentials.
         """
+        reason = self.outage()
+        if reason is not None:
+            raise UserError(
+                f"MLflow tracking server {redact_url(self.uri)} is not reachable ({reason}); "
+                f"start it (e.g. `mlflow server`) or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
         if not self.uri.startswith(("http://", "https://")):
             return
-        url = self.uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            self.client.search_experiments(max_results=1)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise
+            raise UserError(
+                f"MLflow tracking server {redact_url(self.uri)} refused the credentials; "
+                f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account it "
+                f"knows") from None
+
+    def outage(self) -> str | None:
+        """Why the tracking server does not answer its health check, or None when it does.
+
+        Always None for a database URI, which has no server of its own to lose.
+        """
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(
-                f"MLflow tracking server {_hide_password(self.uri)} is not reachable ({reason}); "
-                f"start it (e.g. `mlflow server`) or pass --tracking-uri / set MLFLOW_TRACKING_URI"
-            ) from None
+            return str(getattr(exc, "reason", exc))
+        return None
+
+    def _write(self, call: Callable[[], object]) -> None:
+        """Run one write to a run; with ``tolerate_outages``, an outage skips it.
+
+        While the server is down, writes are dropped without a call for ``_RETRY_S`` at a
+        time, so that a trial is not slowed by the client's retries on every epoch.
+        """
+        if not self.tolerate_outages:
+            call()
+            return
+        if self._down_since is not None and time.monotonic() - self._down_since < _RETRY_S:
+            return
+        try:
+            call()
+        except Exception:
+            reason = self.outage()
+            if reason is None:
+                raise
+            if self._down_since is None:
+                _warn(f"MLflow tracking server {redact_url(self.uri)} is unreachable "
+                      f"({reason}); logging is skipped until it returns, training goes on")
+            self._down_since = time.monotonic()
+            return
+        if self._down_since is not None:
+            _warn(f"MLflow tracking server {redact_url(self.uri)} is back; logging resumed")
+            self._down_since = None
 
     def experiment(self, name: str) -> str:
         """The id of the experiment ``name``, created if missing (race-safe across workers)."""
@@ -114,11 +171,12 @@ class Tracker:
         """Log parameters; values become strings as MLflow stores them."""
         items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self._write(lambda i=i: self.client.log_batch(run_id, params=items[i:i + 100]))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set tags on a run."""
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._write(lambda: self.client.log_batch(run_id, tags=items))
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log one step of metrics (NaN values are skipped: MLflow plots them badly)."""
@@ -126,24 +184,56 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and np.isfinite(v)]
         if items:
-            self.client.log_batch(run_id, metrics=items)
+            self._write(lambda: self.client.log_batch(run_id, metrics=items))
 
     def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
         """Store an RGB uint8 image as a PNG artifact."""
-        self.client.log_image(run_id, image, artifact_file=artifact_file)
+        self._write(lambda: self.client.log_image(run_id, image, artifact_file=artifact_file))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store a text artifact."""
-        self.client.log_text(run_id, text, artifact_file)
+        self._write(lambda: self.client.log_text(run_id, text, artifact_file))
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a local file as an artifact."""
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._write(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def end_run(self, run_id: str, status: str, reason: str | None = None) -> None:
-        """End a run as FINISHED, KILLED (pruned or interrupted) or FAILED, with the reason."""
+        """End a run as FINISHED, KILLED (pruned or interrupted) or FAILED, with the reason.
+
+        With ``tolerate_outages``, a status the server cannot take now is held back and sent
+        by a later :meth:`flush_pending`, so the run is not left RUNNING for good.
+        """
+        if not self.tolerate_outages:
+            self._terminate(run_id, status, reason)
+            return
+        self._pending[run_id] = (status, reason)
+        if self._down_since is None or time.monotonic() - self._down_since >= _RETRY_S:
+            self.flush_pending()
+        if run_id in self._pending:
+            _warn(f"MLflow run {run_id} stays RUNNING while the tracking server is unreachable; "
+                  f"it is marked {status} when the server returns")
+
+    def flush_pending(self) -> list[str]:
+        """Send the final run statuses that an outage held back.
+
+        Returns:
+            The ids of the runs whose status could still not be sent.
+        """
+        for run_id, (status, reason) in list(self._pending.items()):
+            try:
+                self._terminate(run_id, status, reason)
+            except Exception:
+                if self.outage() is None:
+                    raise
+                self._down_since = time.monotonic()
+                break
+            del self._pending[run_id]
+        return list(self._pending)
+
+    def _terminate(self, run_id: str, status: str, reason: str | None) -> None:
         if reason:
-            self.set_tags(run_id, {"mapnet_tune.end_reason": reason[:5000]})
+            self.client.set_tag(run_id, "mapnet_tune.end_reason", reason[:5000])
         self.client.set_terminated(run_id, status=RunStatus.to_string(getattr(RunStatus, status)))
 
     def run_status(self, run_id: str) -> str:
@@ -174,6 +264,141 @@ class Tracker:
         monitor.start()
         return monitor
 
+    # The model registry.
+
+    def log_pytorch_model(self, run_id: str, model: Any, input_example: np.ndarray,
+                          pip_requirements: list[str]) -> tuple[str, str]:
+        """Log a CPU model with the ``mlflow.pytorch`` flavour under the run.
+
+        The pickle format is used because the default pt2 graph is fixed to the example's
+        input size, while MAP-Net serves any size; mapnet-tune itself loads the weights-only
+        checkpoint logged next to it, never this pickle.
+
+        Args:
+            run_id: The run that produced the model.
+            model: A ``torch.nn.Module`` on the CPU in eval mode.
+            input_example: A float32 (1, C, H, W) input; the signature comes from it and the
+                model's output, so MLflow does not run its own inference.
+            pip_requirements: Pinned requirements recorded with the model.
+
+        Returns:
+            (model URI, logged model id).
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        with (self._global_store(), _quiet("mlflow.pytorch"),
+              mlflow.start_run(run_id=run_id)):
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example,
+                signature=infer_signature(input_example, output),
+                pip_requirements=pip_requirements, serialization_format="pickle")
+        return info.model_uri, info.model_id
+
+    @contextlib.contextmanager
+    def _global_store(self) -> Iterator[None]:
+        """Point MLflow's process-wide tracking URI at this store for a block.
+
+        ``log_model`` logs to the global "active run", and registering a logged model looks
+        it up through the global URI. Setting it also writes ``$MLFLOW_TRACKING_URI``, so
+        both are put back afterwards: later Trackers resolve their store as before.
+        """
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)  # clears the global and the variable
+            if previous is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+
+    def register_version(self, name: str, model_uri: str, model_id: str, run_id: str,
+                         tags: Mapping[str, Any]) -> str:
+        """Register a logged model as a new version of ``name`` (created if missing).
+
+        Returns:
+            The new version number.
+        """
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.client.create_registered_model(name, tags={"mapnet_tune.kind": "mapnet"})
+        with self._global_store():
+            version = self.client.create_model_version(
+                name, model_uri, run_id=run_id, model_id=model_id,
+                tags={k: str(v) for k, v in tags.items()})
+        return str(version.version)
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Remove a model version (and with it any alias pointing at it)."""
+        self.client.delete_model_version(name, version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` of registered model ``name`` at ``version``."""
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of a registered model, oldest first; empty when it does not exist."""
+        found = self.client.search_model_versions(f"name='{name}'")
+        aliases = self._aliases(name) if found else {}
+        return sorted((_version_info(v, aliases) for v in found), key=lambda v: int(v.version))
+
+    def version_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
+        """The version an alias points at, or None when the model or alias does not exist."""
+        version = self._aliases(name).get(alias)
+        return None if version is None else self.model_version(name, version)
+
+    def model_version(self, name: str, version: str) -> ModelVersionInfo:
+        """One version of a registered model."""
+        return _version_info(self.client.get_model_version(name, version), self._aliases(name))
+
+    def resolve_model(self, uri: str) -> ModelVersionInfo:
+        """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names.
+
+        Raises:
+            UserError: For a malformed URI, or an unknown model, alias or version (the message
+                lists what exists).
+        """
+        name, alias, version = parse_model_uri(uri)
+        names = [m.name for m in self.client.search_registered_models(max_results=1000)]
+        if name not in names:
+            raise UserError(f"no registered model '{name}' in {redact_url(self.uri)}; "
+                            f"registered models: {', '.join(sorted(names)) or '(none)'}; "
+                            f"run `mapnet-tune retrain-best` or pass --tracking-uri")
+        if alias is not None:
+            aliases = self._aliases(name)
+            if alias not in aliases:
+                listed = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items()))
+                raise UserError(f"model '{name}' has no alias '{alias}'; its aliases: "
+                                f"{listed or '(none)'}")
+            version = aliases[alias]
+        known = [v.version for v in self.versions(name)]
+        if version not in known:
+            raise UserError(f"model '{name}' has no version {version}; its versions: "
+                            f"{', '.join(known) or '(none)'}")
+        return self.model_version(name, version)
+
+    def _aliases(self, name: str) -> dict[str, str]:
+        try:
+            model = self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
+        """Download one artifact of a run into ``dst``; None when the run does not have it."""
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+
     def ui_command(self) -> str:
         """The command a person runs to browse this store."""
         if self.uri.startswith(("http://", "https://")):
@@ -198,3 +423,58 @@ def git_sha() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version: where it came from and what it is tagged with."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``name version N (@alias, ...)`` for messages."""
+        marks = f" (@{', @'.join(self.aliases)})" if self.aliases else ""
+        return f"{self.name} version {self.version}{marks}"
+
+
+def _version_info(version: Any, aliases: Mapping[str, str]) -> ModelVersionInfo:
+    number = str(version.version)
+    return ModelVersionInfo(name=version.name, version=number, run_id=version.run_id or "",
+                            tags=dict(version.tags or {}),
+                            aliases=tuple(sorted(a for a, v in aliases.items() if v == number)))
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Raises:
+        UserError: When the URI has neither form.
+    """
+    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if body and "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif body and body.count("/") == 1:
+        name, version = body.split("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise UserError(f"model URI '{uri}' must look like models:/mapnet-drive@champion or "
+                    f"models:/mapnet-drive/3")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Raise one logger's level to ERROR for the duration of a block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

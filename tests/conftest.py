@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -46,10 +47,7 @@ def write_study(path: Path, **overrides) -> Path:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A clean working directory holding the embedded stores, with no server env vars."""
-    monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MAPNET_TUNE_CACHE", str(tmp_path / "cache"))
+    _isolate(monkeypatch, tmp_path, tmp_path / "cache")
     return tmp_path
 
 
@@ -142,3 +140,54 @@ def write_folder(root: Path, count: int = 10, size=(20, 24), colour: bool = True
         save_image(root / "images" / f"case{i:02d}.png", rng.integers(0, 256, shape, np.uint8))
         save_image(root / "masks" / f"case{i:02d}.png", disk(*size, size[0] / 3))
     return root
+
+
+# One search and retrain-best shared by the registry, predict and report tests.
+
+REGISTERED_STUDY = "tiny"
+
+
+@pytest.fixture(scope="session")
+def registered_root(tmp_path_factory):
+    """A folder where the tiny study was searched (3 trials) and its top 2 retrained.
+
+    Tests must not change it: use ``registry`` for a private copy of the stores.
+    """
+    root = tmp_path_factory.mktemp("registered")
+    runner = CliRunner()
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, root, root / "cache")
+        _own_tracking_store(patch, root)
+        study = write_study(root / "tiny.yaml")
+        for args in (("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
+                     ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 2)):
+            result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def registry(registered_root, tmp_path, monkeypatch):
+    """A working directory with private copies of the shared study and registry databases.
+
+    New artifacts still land under the shared folder's ``mlruns``, in new run folders.
+    """
+    for name in ("optuna.db", "mlflow.db"):
+        shutil.copy(registered_root / name, tmp_path / name)
+    _isolate(monkeypatch, tmp_path, registered_root / "cache")
+    _own_tracking_store(monkeypatch, tmp_path)
+    return tmp_path
+
+
+def _own_tracking_store(patch: pytest.MonkeyPatch, folder: Path) -> None:
+    # MLflow keeps one database engine per tracking URI for the whole process, so a relative
+    # sqlite:///mlflow.db would stay on the first folder that opened it; an absolute URI
+    # keeps each test on its own copy.
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _isolate(patch: pytest.MonkeyPatch, folder: Path, cache: Path) -> None:
+    patch.chdir(folder)
+    for var in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE"):
+        patch.delenv(var, raising=False)
+    patch.setenv("MAPNET_TUNE_CACHE", str(cache))

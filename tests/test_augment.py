@@ -84,3 +84,23 @@ def test_batched_draws_follow_the_same_distribution():
     assert offset[changed].abs().max() <= bright + 1e-6
     assert offset[changed].mean().item() == pytest.approx(0.0, abs=0.02)
     assert offset[changed].abs().mean().item() == pytest.approx(bright / 2, abs=0.01)
+
+
+def test_training_batches_use_the_batched_path_on_the_device():
+    from mapnet_tune import engine
+    from mapnet_tune.data import Split
+    from mapnet_tune.data.augment import augmentation_for
+
+    params = {"flip_p": 1.0}
+    cpu = torch.device("cpu")
+    assert augmentation_for({"flip_p": 0.0}, 1, 0, cpu) is None
+    assert not isinstance(augmentation_for(params, 1, 0, cpu), BatchAugment)
+    assert isinstance(augmentation_for(params, 1, 0, torch.device("cuda")), BatchAugment)
+    x, y = _images(n=4, channels=1)
+    split = Split(x, y, None, tuple("abcd"))
+    batch = BatchAugment(params, channels=1, seed=0)
+    (bx, by), = engine.Batches(split, 4, cpu, batch, seed=0).epoch()
+    order = engine.Batches(split, 4, cpu, None, seed=0).epoch()
+    (px, py), = order  # the same seeded order, unaugmented
+    torch.testing.assert_close(bx, px.flip(-1).flip(-2))
+    torch.testing.assert_close(by, py.flip(-1).flip(-2))

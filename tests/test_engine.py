@@ -56,7 +56,7 @@ def test_training_batches_cover_patches_and_follow_the_seed():
     for (xa, ya), (xb, yb) in zip(first, again, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     cut = {tuple(np.round(x[0, 0, 0, :3].numpy(), 6)) for xs, _ in first for x in xs[:, None]}
-    expected = {tuple(np.round(images[i, 0, t, l:l + 3], 6)) for i, t, l in coords}
+    expected = {tuple(np.round(images[i, 0, top, left:left + 3], 6)) for i, top, left in coords}
     assert cut == expected
     for xs, ys in first:
         assert torch.equal(ys, (xs > 0.5).float())  # the mask patch matches the image patch

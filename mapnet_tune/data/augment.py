@@ -135,3 +135,16 @@ def _shift_hue(rgb: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     # HSV -> RGB: channel n is V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + H) mod 6.
     ramps = [((n + hue) % 6) for n in (5, 3, 1)]
     return torch.stack([value - chroma * torch.minimum(k, 4 - k).clamp(0, 1) for k in ramps], 1)
+
+
+def augmentation_for(params: Mapping[str, float], channels: int, seed: int,
+                     device: torch.device) -> Augment | BatchAugment | None:
+    """The augmentation a trial trains with: batched on a CUDA device, albumentations elsewhere.
+
+    On a GPU, per-sample albumentations on the CPU would starve the card; on the CPU the
+    albumentations pipeline is the reference implementation.
+    """
+    pipeline = build_augment(params, channels, seed)
+    if pipeline is not None and device.type == "cuda":
+        return BatchAugment(params, channels, seed)
+    return pipeline

@@ -49,13 +49,58 @@ def require_nonempty(sizes: Mapping[str, int], what: str, fix: str) -> None:
 
 
 def take(split: Split, index: slice | np.ndarray) -> Split:
-    """The images ``index`` of a split without patches, with their masks, FOV and extras."""
+    """The images ``index`` of a split with their masks, FOV, extras and patches.
+
+    Patches of the chosen images are kept, re-indexed to the new image order.
+    """
+    patches = None
+    if split.patches is not None:
+        chosen = np.arange(len(split.images))[index]
+        new_index = np.full(len(split.images), -1)
+        new_index[chosen] = np.arange(len(chosen))
+        patches = split.patches[new_index[split.patches[:, 0]] >= 0].copy()
+        patches[:, 0] = new_index[patches[:, 0]]
+        # A stable sort by new image keeps the "ordered by image" layout of patch lists.
+        patches = patches[np.argsort(patches[:, 0], kind="stable")]
     return Split(
         images=np.ascontiguousarray(split.images[index]),
         masks=np.ascontiguousarray(split.masks[index]),
         fov=None if split.fov is None else np.ascontiguousarray(split.fov[index]),
         names=tuple(np.asarray(split.names, dtype=object)[index]),
+        patches=patches,
+        patch_size=split.patch_size if patches is not None else None,
         extras={k: np.ascontiguousarray(v[index]) for k, v in split.extras.items()},
+    )
+
+
+def concat(parts: Sequence[Split]) -> Split:
+    """One split holding the images of ``parts`` in order (e.g. train + val for retraining).
+
+    Patch image indices are shifted to the merged order. The parts must agree on image size,
+    on having a FOV, on patches and patch size, and on their extras.
+
+    Raises:
+        ValueError: When the parts do not agree.
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.images.shape[1:] != first.images.shape[1:]
+                or (part.fov is None) != (first.fov is None)
+                or part.patch_size != first.patch_size or set(part.extras) != set(first.extras)):
+            raise ValueError("splits to concatenate differ in image size, FOV, patches or extras")
+    patches = None
+    if first.patches is not None:
+        offsets = np.cumsum([0, *(len(p.images) for p in parts[:-1])])
+        patches = np.concatenate([p.patches + np.array([o, 0, 0], p.patches.dtype)
+                                  for p, o in zip(parts, offsets, strict=True)])
+    return Split(
+        images=np.concatenate([p.images for p in parts]),
+        masks=np.concatenate([p.masks for p in parts]),
+        fov=None if first.fov is None else np.concatenate([p.fov for p in parts]),
+        names=tuple(name for p in parts for name in p.names),
+        patches=patches,
+        patch_size=first.patch_size,
+        extras={k: np.concatenate([p.extras[k] for p in parts]) for k in first.extras},
     )
 
 

@@ -1,0 +1,279 @@
+"""report: the registered models next to the published tables, and the study's plots.
+
+The published rows ship as data (``mapnet_tune/published/<dataset>.yaml``) with their
+caveats: the tables' "JS" is pixel accuracy, the lung and ISIC "AUC" is thresholded, and the
+lung evaluation leaks ground truth. The report prints its numbers in the published columns
+where those mean the same, and adds the correct ones (ROC-AUC, true IoU, per-image IoU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# Plots are written to files; no display may be needed, on a server or in a test.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import yaml  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from mapnet_tune.errors import UserError  # noqa: E402
+from mapnet_tune.retrain import CHALLENGER, CHAMPION, ROC_ARTIFACT  # noqa: E402
+from mapnet_tune.search import load_existing_study, ranked_trials, trials_table  # noqa: E402
+from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha  # noqa: E402
+
+#: Columns for datasets without published results.
+DEFAULT_COLUMNS = (
+    {"header": "F1", "key": "f1"},
+    {"header": "Sens", "key": "sensitivity"},
+    {"header": "Spec", "key": "specificity"},
+    {"header": "Acc", "key": "accuracy"},
+)
+STUDY_PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
+    "optimization_history": optuna_plots.plot_optimization_history,
+    "param_importances": optuna_plots.plot_param_importances,
+    "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+}
+
+
+@dataclass(frozen=True)
+class Published:
+    """The published table of one dataset.
+
+    Attributes:
+        dataset: Dataset name.
+        title: What the table scores.
+        columns: ``{"header", "key"}`` pairs: the published header and this project's metric
+            with the same meaning.
+        rows: One mapping per method: ``method``, a value per header and optionally ``iou``
+            (derived as F1 / (2 - F1)).
+        caveats: What a reader must know before comparing.
+    """
+
+    dataset: str
+    title: str
+    columns: tuple[dict[str, str], ...]
+    rows: tuple[dict[str, Any], ...]
+    caveats: tuple[str, ...]
+
+
+def published(dataset: str) -> Published | None:
+    """The shipped published table for ``dataset``, or None when there is none."""
+    entry = resources.files("mapnet_tune") / "published" / f"{dataset}.yaml"
+    if not entry.is_file():
+        return None
+    doc = yaml.safe_load(entry.read_text())
+    return Published(
+        dataset=doc["dataset"],
+        title=doc["title"],
+        columns=tuple(doc["columns"]),
+        rows=tuple(doc["rows"]),
+        caveats=tuple(doc.get("caveats", ())),
+    )
+
+
+def comparison_table(
+    table: Published | None, ours: Sequence[tuple[str, Mapping[str, float]]], split: str
+) -> str:
+    """A Markdown table: the published rows, then ours, in the published columns plus the
+    correct ones (ROC-AUC where the published AUC is not it, true IoU, per-image IoU).
+
+    Args:
+        table: The published table, or None for a dataset without one.
+        ours: (label, metrics keyed ``split/name``) per registered model.
+        split: The split our metrics are on (``test``, or ``val`` without a test split).
+
+    Returns:
+        The table; published IoU values are derived and marked ``*``.
+    """
+    columns = list(table.columns if table else DEFAULT_COLUMNS)
+    if not any(c["key"] == "auc" for c in columns):
+        columns.append({"header": "ROC-AUC", "key": "auc"})
+    columns += [{"header": "IoU", "key": "iou"}, {"header": "IoU/img", "key": "iou_per_image"}]
+    head = ["method", *(c["header"] for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    for row in table.rows if table else ():
+        cells = [_cell(row.get(c["header"])) for c in columns]
+        if "iou" in row:
+            cells[[c["key"] for c in columns].index("iou")] = f"{row['iou']:.4f}*"
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    for label, metrics in ours:
+        cells = [_cell(metrics.get(f"{split}/{c['key']}")) for c in columns]
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def write_report(
+    study_name: str | None, storage: str | None, tracking_uri: str | None, out: str | Path | None
+) -> str:
+    """Write ``report.md`` and the plots for a study, log them to MLflow, return the text.
+
+    Args:
+        study_name: The study; default the storage's only one.
+        storage: Optuna storage URL.
+        tracking_uri: MLflow store holding the registry.
+        out: Output folder; default ``reports/<study>``.
+
+    Raises:
+        UserError: An unknown study, or one without a completed trial.
+    """
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    study = load_existing_study(storage, study_name)
+    if not ranked_trials(study):
+        raise UserError(
+            f"study '{study.study_name}' has no completed trial to report; run "
+            f"`mapnet-tune search --study {study.study_name}` until one completes"
+        )
+    dataset = study.user_attrs.get("dataset", "unknown")
+    folder = Path(out) if out is not None else Path("reports") / study.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    models = _registered(tracker, f"mapnet-{dataset}")
+    notes: list[str] = []
+    plots = _study_plots(study, folder, notes)
+    champion = next((v for v in models if CHAMPION in v.aliases), None)
+    if champion is not None and _roc_plot(tracker, champion, folder / "roc.png", notes):
+        plots.append("roc.png")
+    text = _markdown(study, dataset, models, plots, notes)
+    (folder / "report.md").write_text(text)
+    _log(tracker, study, [folder / "report.md", *(folder / p for p in plots)])
+    return text + f"\n\nwrote {folder / 'report.md'} and {len(plots)} plot(s) to {folder}"
+
+
+def _registered(tracker: Tracker, name: str) -> list[ModelVersionInfo]:
+    """The champion, and the challenger when it is another version."""
+    found = [tracker.version_by_alias(name, alias) for alias in (CHAMPION, CHALLENGER)]
+    unique = {v.version: v for v in found if v is not None}
+    return list(unique.values())
+
+
+def _study_plots(study: optuna.Study, folder: Path, notes: list[str]) -> list[str]:
+    written = []
+    for name, plot in STUDY_PLOTS.items():
+        with warnings.catch_warnings():
+            # The matplotlib backend is marked experimental, and small studies warn that
+            # importances are uncertain; the figures are still what we want.
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as exc:
+                notes.append(f"no {name.replace('_', ' ')} plot: {exc}")
+                continue
+        figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
+        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        written.append(f"{name}.png")
+    return written
+
+
+def _roc_plot(tracker: Tracker, champion: ModelVersionInfo, path: Path, notes: list[str]) -> bool:
+    """The champion's ROC curve from the points logged when it was scored."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tracker.download(champion.run_id, ROC_ARTIFACT, tmp)
+        if local is None:
+            notes.append(
+                f"no ROC curve: {champion.label} has no held-out predictions logged "
+                f"(selected by cross-validation, or registered by another tool)"
+            )
+            return False
+        roc = json.loads(local.read_text())
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    axes.plot(
+        roc["fpr"], roc["tpr"], label=f"{champion.name} v{champion.version} (AUC {roc['auc']:.4f})"
+    )
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    axes.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"ROC, {roc['split']} split",
+    )
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return True
+
+
+def _markdown(
+    study: optuna.Study,
+    dataset: str,
+    models: list[ModelVersionInfo],
+    plots: list[str],
+    notes: list[str],
+) -> str:
+    table = published(dataset)
+    lines = [f"# mapnet-tune report: study {study.study_name}", ""]
+    if not models:
+        lines += [
+            f"No registered model mapnet-{dataset} yet: run `mapnet-tune retrain-best "
+            f"--study {study.study_name}`.",
+            "",
+        ]
+    splits = {v.tags.get("selection_metric", "test/iou").split("/")[0] for v in models}
+    split = "test" if splits <= {"test"} else "val"
+    title = table.title if table else f"{dataset} (no published results ship for it)"
+    lines += [f"## Registered models and published results: {title}", ""]
+    ours = [(_label(v), _metrics(v)) for v in models]
+    lines += [comparison_table(table, ours, split), ""]
+    if split == "val":
+        lines += [
+            "Our rows are on the validation split: the dataset had no test split, so "
+            "they are not comparable with published test numbers.",
+            "",
+        ]
+    lines += [f"- {c}" for c in (table.caveats if table else ())]
+    lines += ["", "## Best trials", "", trials_table(study, 5), "", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _metrics(version: ModelVersionInfo) -> dict[str, float]:
+    return {
+        k.removeprefix("metric."): float(v)
+        for k, v in version.tags.items()
+        if k.startswith("metric.")
+    }
+
+
+def _label(version: ModelVersionInfo) -> str:
+    tags = version.tags
+    how = tags.get("eval_protocol", "?")
+    if how == "sliding-window":
+        how += f" {tags.get('eval_window', '?')} px, stride {tags.get('eval_stride', '?')}"
+    return (
+        f"MAP-Net, mapnet-tune: {version.name} v{version.version} "
+        f"@{', @'.join(version.aliases)} (study {tags.get('study', '?')}, trial "
+        f"{tags.get('trial', '?')}; trained on {tags.get('train_resolution', '?')}, "
+        f"{how})"
+    )
+
+
+def _log(tracker: Tracker, study: optuna.Study, files: list[Path]) -> None:
+    experiment = tracker.experiment(study.study_name)
+    dataset = study.user_attrs.get("dataset", "unknown")
+    run_id = tracker.create_run(
+        experiment,
+        f"{dataset}-report",
+        {"optuna.study": study.study_name, "mapnet_tune.role": "report", "git.sha": git_sha()},
+    )
+    for path in files:
+        tracker.log_file(run_id, path, "report")
+    tracker.end_run(run_id, "FINISHED")

@@ -1,0 +1,374 @@
+"""retrain-best end to end on the tiny study: registration, tags, aliases, dedup, folds."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import mlflow.pytorch
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from mapnet_tune import engine
+from mapnet_tune.config import parse_study
+from mapnet_tune.data import Split, prepare
+from mapnet_tune.data.splits import concat, take
+from mapnet_tune.errors import UserError
+from mapnet_tune.model import MAPNet
+from mapnet_tune.predict import load_model
+from mapnet_tune.retrain import RetrainRequest, decide_champion, retrain_best
+from mapnet_tune.tracking import ModelVersionInfo, Tracker
+from tests.conftest import (
+    REGISTERED_STUDY,
+    TINY_STUDY,
+    write_drive,
+    write_folder,
+    write_study,
+)
+
+MODEL = "mapnet-synthetic"
+
+
+def _client() -> MlflowClient:
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    return MlflowClient(uri, uri)
+
+
+def _versions() -> list:
+    return sorted(_client().search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+
+
+def _aliases() -> dict[str, str]:
+    return {a: str(v) for a, v in _client().get_registered_model(MODEL).aliases.items()}
+
+
+def _runs(role: str) -> list:
+    client = _client()
+    experiment = client.get_experiment_by_name(REGISTERED_STUDY)
+    return [
+        r
+        for r in client.search_runs([experiment.experiment_id], max_results=1000)
+        if r.data.tags.get("mapnet_tune.role") == role
+    ]
+
+
+def _set_champion_metric(value: str) -> str:
+    champion = _aliases()["champion"]
+    _client().set_model_version_tag(MODEL, champion, "metric.test/iou", value)
+    return champion
+
+
+@pytest.mark.slow
+def test_versions_carry_tags_artifacts_and_aliases(registry):
+    versions = _versions()
+    assert [str(v.version) for v in versions] == ["1", "2"]
+    study = optuna.load_study(study_name=REGISTERED_STUDY, storage="sqlite:///optuna.db")
+    best = sorted(
+        study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)),
+        key=lambda t: t.value,
+        reverse=True,
+    )[:2]
+    assert [v.tags["trial"] for v in versions] == [str(t.number) for t in best]
+    for version, trial in zip(versions, best, strict=True):
+        tags = version.tags
+        assert tags["study"] == REGISTERED_STUDY and tags["dataset"] == "synthetic"
+        assert len(tags["dataset.fingerprint"]) == 16
+        assert float(tags["param.lr"]) == pytest.approx(trial.params["lr"])
+        assert {
+            "metric.test/iou",
+            "metric.test/f1",
+            "metric.test/auc",
+            "metric.test/legacy_js",
+        } <= set(tags)
+        assert tags["selection_metric"] == "test/iou" and tags["trained_on"] == "train+val"
+        assert tags["train_resolution"] == "32x32 images"
+        assert tags["eval_protocol"] == "full-image"
+        assert '"size": 32' in tags["preprocessing"]
+        run = _client().get_run(version.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"synthetic-retrain-t{trial.number:04d}"
+        assert run.data.params["batch_size"] == "4"
+        assert run.data.metrics["test/iou"] == pytest.approx(float(tags["metric.test/iou"]))
+        files = {a.path for a in _client().list_artifacts(version.run_id, "checkpoint")}
+        assert files == {"checkpoint/mapnet.pt", "checkpoint/state_dict.pt"}
+    parent = _runs("retrain")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in _runs("retrain-trial")} == {
+        parent[0].info.run_id
+    }
+
+    # challenger is the newest version; champion the better one, the first on a tie.
+    values = [float(v.tags["metric.test/iou"]) for v in versions]
+    assert _aliases() == {"challenger": "2", "champion": "2" if values[1] > values[0] else "1"}
+
+    # The MLflow pytorch model and the checkpoint hold the same CPU model.
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    logged = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
+    model, meta, _ = load_model(f"models:/{MODEL}/1")
+    assert meta["trial"] == int(versions[0].tags["trial"])
+    assert meta["eval_protocol"] == "full-image" and meta["settings"]["size"] == 32
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        np.testing.assert_allclose(logged.eval()(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rerun_registers_nothing_and_force_registers_again(registry, cli):
+    result = cli("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 2)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skipped: already registered") == 2
+    assert "pass --force" in result.output and "nothing to retrain" in result.output
+    assert len(_versions()) == 2 and len(_runs("retrain")) == 1
+
+    result = cli("retrain-best", "--top-k", 1, "--force")  # the only study is the default
+    assert result.exit_code == 0, result.output
+    versions = _versions()
+    assert len(versions) == 3 and versions[2].tags["trial"] == versions[0].tags["trial"]
+    assert _aliases()["challenger"] == "3"
+    # Retraining is seeded: the same trial reproduces its test score, and a tie keeps the
+    # champion where it was.
+    assert versions[2].tags["metric.test/iou"] == versions[0].tags["metric.test/iou"]
+
+
+@pytest.mark.slow
+def test_champion_gate_in_both_directions(registry, cli):
+    held = _set_champion_metric("1.0")
+    result = cli("retrain-best", "--top-k", 1, "--force")
+    assert result.exit_code == 0, result.output
+    assert f"champion stays version {held} (test/iou 1.0000 >= " in result.output
+    assert _aliases() == {"champion": held, "challenger": "3"}
+
+    _set_champion_metric("-1.0")
+    result = cli("retrain-best", "--top-k", 1, "--force")
+    assert result.exit_code == 0, result.output
+    assert re.search(
+        rf"champion moves to version 4 \(test/iou \S+ > -1.0000 of version "
+        rf"{held}\)",
+        result.output,
+    )
+    assert _aliases() == {"champion": "4", "challenger": "4"}
+
+
+def test_decide_champion_explains_itself():
+    champion = ModelVersionInfo("m", "2", "run", {"metric.val/loss": "0.3"})
+    assert decide_champion("1", 0.5, None, "val/loss", False) == (
+        True,
+        "champion moves to version 1 (the first champion; val/loss 0.5000)",
+    )
+    moves, why = decide_champion("3", 0.2, champion, "val/loss", maximize=False)
+    assert moves and why == "champion moves to version 3 (val/loss 0.2000 < 0.3000 of version 2)"
+    moves, why = decide_champion("3", 0.3, champion, "val/loss", maximize=False)
+    assert not moves and "stays version 2 (val/loss 0.3000 <= 0.3000 of version 3)" in why
+    assert decide_champion("3", math.nan, champion, "val/loss", False)[0] is False
+    assert decide_champion("3", 0.9, champion, "val/iou", True)[0] is True  # nothing to compare
+
+
+@pytest.mark.slow
+def test_folds_report_mean_and_spread_and_register_the_best_mean(registry, cli):
+    result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("(mean +- std over 2 folds)") == 2
+    assert "chosen by the mean: t" in result.output
+    versions = _versions()
+    assert len(versions) == 3
+    new = versions[2].tags
+    assert {"metric.cv/val/iou_mean", "metric.cv/val/iou_std", "metric.test/iou"} <= set(new)
+    assert new["trained_on"] == "train+val"
+    folds = _runs("retrain-fold")
+    assert len(folds) == 4 and all(r.info.status == "FINISHED" for r in folds)
+    held_out = {r.data.params["held_out"] for r in folds}
+    assert len(held_out) == 2  # the same two folds for both configurations
+    assert sum(len(h.split(",")) for h in held_out) == 12  # train 8 + val 4, each once
+
+    # The top two were compared already: a rerun neither cross-validates nor registers.
+    again = cli("retrain-best", "--top-k", 3, "--folds", 2)
+    assert again.exit_code == 0, again.output
+    assert "not cross-validated again" in again.output and "nothing to retrain" in again.output
+    assert len(_versions()) == 3
+
+
+@pytest.mark.slow
+def test_evaluate_a_registered_model_reproduces_the_logged_metrics(registry, cli):
+    for uri in (f"models:/{MODEL}@champion", f"models:/{MODEL}/2"):
+        result = cli("evaluate", "--model", uri, "--dataset", "synthetic", "--split", "test")
+        assert result.exit_code == 0, result.output
+        version = Tracker().resolve_model(uri)
+        row = result.output.strip().splitlines()[-1].split()
+        assert row[-2] == f"{float(version.tags['metric.test/iou']):.4f}"
+        assert row[0] == f"{float(version.tags['metric.test/f1']):.4f}"
+        assert row[4] == f"{float(version.tags['metric.test/auc']):.4f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("setup", "args", "needle"),
+    [
+        (None, ("--study", "nope"), "no study 'nope'"),
+        ("empty", ("--study", "empty"), "study 'empty' has no completed trial (no trials at all)"),
+        ("pruned", ("--study", "pruned"), "has no completed trial (1 pruned)"),
+        (None, (), "holds 3 studies; pass --study NAME"),  # with the two extra studies
+        (
+            "config",
+            ("--study", REGISTERED_STUDY, "--config", "other.yaml"),
+            "differs from the settings study 'tiny' was searched with",
+        ),
+    ],
+)
+def test_bad_retrain_input_is_one_line_and_creates_nothing(
+    registry, registered_root, cli, setup, args, needle
+):
+    storage = "sqlite:///optuna.db"
+    optuna.create_study(study_name="empty", storage=storage)
+    pruned = optuna.create_study(study_name="pruned", storage=storage)
+    pruned.tell(pruned.ask(), state=optuna.trial.TrialState.PRUNED)
+    if setup == "config":
+        registry.joinpath("other.yaml").write_text(
+            (registered_root / "tiny.yaml").read_text().replace("width: 0.0625", "width: 0.125")
+        )
+    runs = len(_client().search_runs([e.experiment_id for e in _client().search_experiments()]))
+    result = cli("retrain-best", *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    after = len(_client().search_runs([e.experiment_id for e in _client().search_experiments()]))
+    assert after == runs and len(_versions()) == 2
+
+
+@pytest.mark.slow
+def test_failed_registration_leaves_no_version(registry, monkeypatch):
+    def broken(self, name, alias, version):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(Tracker, "set_alias", broken)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        retrain_best(RetrainRequest(study_name=REGISTERED_STUDY, top_k=1, force=True))
+    assert [str(v.version) for v in _versions()] == ["1", "2"]
+    failed = [r for r in _runs("retrain-trial") if r.info.status == "FAILED"]
+    assert (
+        len(failed) == 1 and "registry went away" in failed[0].data.tags["mapnet_tune.end_reason"]
+    )
+
+
+def test_retrain_section_is_validated_and_not_part_of_the_digest():
+    base = {"dataset": {"name": "synthetic"}}
+    for retrain, needle in [
+        ({"eval_protocol": "patches"}, "valid values: full-image"),
+        ({"batch_scale": 0}, "retrain.batch_scale' must be positive"),
+        ({"patch_size": 256}, "retrain.patch_size' is not a known"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            parse_study({**base, "retrain": retrain}, "s.yaml")
+    one = parse_study({**base, "retrain": {"epochs": 3}}, "s.yaml")
+    assert one.digest() == parse_study({**base, "retrain": {"epochs": 9}}, "s.yaml").digest()
+    assert one.retrain.batch_scale == 1.0
+
+
+def test_concat_and_take_keep_patches_on_their_images():
+    rng = np.random.default_rng(0)
+
+    def split(n: int, tag: str) -> Split:
+        images = rng.random((n, 1, 8, 8), dtype=np.float32)
+        patches = np.array([[i, r, r] for i in range(n) for r in (0, 2)], np.int32)
+        return Split(
+            images,
+            (images > 0.5).astype(np.uint8),
+            None,
+            tuple(f"{tag}{i}" for i in range(n)),
+            patches,
+            4,
+        )
+
+    a, b = split(3, "a"), split(2, "b")
+    merged = concat([a, b])
+    assert merged.names == ("a0", "a1", "a2", "b0", "b1") and len(merged.patches) == 10
+    assert merged.patches[6].tolist() == [3, 0, 0]
+    part = take(merged, np.array([1, 4]))
+    assert part.names == ("a1", "b1") and part.patch_size == 4
+    assert part.patches.tolist() == [[0, 0, 0], [0, 2, 2], [1, 0, 0], [1, 2, 2]]
+    np.testing.assert_array_equal(part.images[1], b.images[1])
+    assert take(merged, slice(0, 2)).patches[:, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_fit_without_validation_keeps_the_final_weights(tmp_path):
+    options = TINY_STUDY["dataset"]["options"]
+    train = prepare("synthetic", None, options, cache_dir=tmp_path).splits["train"]
+    model = MAPNet(in_channels=3, width=0.0625)
+    settings = engine.TrainSettings(epochs=1, batch_size=4, lr=1e-3)
+    result = engine.fit(model, train, None, settings, device=torch.device("cpu"))
+    assert result.best_state is None and result.best_epoch == -1
+    assert list(result.history[0]) == ["train/loss", "time/epoch_end_s"]
+
+
+@pytest.mark.slow
+def test_without_a_test_split_selection_is_on_validation_and_said_so(workdir, cli, monkeypatch):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_folder(workdir / "cases", count=10)
+    study = write_study(
+        workdir / "folder.yaml",
+        dataset={
+            "name": "folder",
+            "source": str(workdir / "cases"),
+            "options": {"val_fraction": 0.3},
+        },
+    )
+    assert cli("search", "--config", study, "--trials", 2, "--study", "f").exit_code == 0
+    result = cli("retrain-best", "--study", "f", "--top-k", 1)
+    assert result.exit_code == 0, result.output
+    assert "has no test split here" in result.output
+    assert (
+        "selected on val/iou from the val split, with models trained on train only" in result.output
+    )
+    client = MlflowClient(uri, uri)
+    (version,) = client.search_model_versions("name='mapnet-folder'")
+    assert version.tags["selection_metric"] == "val/iou" and version.tags["trained_on"] == "train"
+    assert "metric.val/iou" in version.tags and "metric.test/iou" not in version.tags
+
+    result = cli("retrain-best", "--study", "f", "--top-k", 1, "--folds", 2, "--force")
+    assert result.exit_code == 0, result.output
+    assert "from the 2-fold cross-validated mean over train + val" in result.output
+    newest = max(client.search_model_versions("name='mapnet-folder'"), key=lambda v: int(v.version))
+    assert newest.tags["trained_on"] == "train+val"
+    assert newest.tags["metric.val/iou"] == newest.tags["metric.cv/val/iou_mean"]
+
+
+@pytest.mark.slow
+def test_drive_retrains_on_larger_patches_and_predicts_by_sliding_window(workdir, cli, monkeypatch):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    root = write_drive(workdir / "DRIVE", ids=range(21, 27), size=(40, 36))
+    study = write_study(
+        workdir / "drive.yaml",
+        dataset={
+            "name": "drive",
+            "source": str(root),
+            "options": {"input_mode": "rgb", "patch_size": 16, "patches_per_image": 20},
+        },
+        train={"epochs": 1, "eval_protocol": "sliding-window", "eval_stride": 8},
+        search_space={"batch_size": {"choices": [8]}},
+        retrain={
+            "epochs": 1,
+            "dataset_options": {"patch_size": 32, "patches_per_image": 5},
+            "batch_scale": 0.25,
+            "eval_protocol": "sliding-window",
+            "eval_stride": 8,
+        },
+    )
+    assert cli("search", "--config", study, "--trials", 1, "--study", "d").exit_code == 0
+    result = cli("retrain-best", "--folds", 2)
+    assert result.exit_code == 0, result.output
+    assert "trained at 32x32 patches" in result.output
+    (version,) = MlflowClient(uri, uri).search_model_versions("name='mapnet-drive'")
+    tags = version.tags
+    assert tags["train_resolution"] == "32x32 patches" and tags["eval_window"] == "32"
+    assert tags["eval_protocol"] == "sliding-window" and tags["batch_size"] == "2"
+    assert tags["trained_on"] == "train+val" and '"patch_size": 32' in tags["dataset.options"]
+
+    image = root / "training" / "images" / "21_training.tif"
+    result = cli("predict", "--model", "models:/mapnet-drive@champion", image, "--out", "p")
+    assert result.exit_code == 0, result.output
+    assert Image.open(workdir / "p" / "21_training_mask.png").size == (36, 40)
