@@ -504,6 +504,7 @@ def _ensure_parent(study: optuna.Study, created: bool, tracker: Tracker, experim
         waited += 0.5
         existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
+        tracker.reopen_run(existing)  # it was marked FINISHED when the study last completed
         return existing
     run_id = tracker.create_run(experiment_id, f"{req.study.dataset.name}-study", {
         "optuna.study": req.study_name, "mapnet_tune.role": "study", "git.sha": git_sha(),
@@ -612,6 +613,7 @@ def run_search(req: SearchRequest) -> optuna.Study:
     try:
         with _sigterm_as_interrupt():
             _work(study, objective, tracker, progress, req, deadline)
+        tracker.end_run(parent, "FINISHED")
     except StudyTimeout:
         progress.line("time limit reached; run the same command to continue")
         return study

@@ -214,6 +214,11 @@ class Tracker:
             _warn(f"MLflow run {run_id} stays RUNNING while the tracking server is unreachable; "
                   f"it is marked {status} when the server returns")
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a finished run RUNNING again (a study's parent run when the study resumes)."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
     def flush_pending(self) -> list[str]:
         """Send the final run statuses that an outage held back.
 

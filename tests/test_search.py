@@ -38,6 +38,7 @@ def test_search_logs_trials_and_resumes(workdir, cli):
     parents, children = _runs(client, "tiny")
     assert len(parents) == 1 and len(children) == 3
     assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"  # the study reached its --trials
     for trial in done:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED"
