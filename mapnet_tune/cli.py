@@ -139,10 +139,10 @@ def search(dataset: str | None, config_path: str | None, trials: int, study_name
 
 
 @main.command()
-@click.option("--study", "study_name", required=True, help="Study name.")
+@click.option("--study", "study_name", help="Study name (default: the storage's only study).")
 @click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
-def status(study_name: str, storage: str | None, top: int) -> None:
+def status(study_name: str | None, storage: str | None, top: int) -> None:
     """Print the best trials of a study."""
     from mapnet_tune import search as s
 
@@ -150,11 +150,11 @@ def status(study_name: str, storage: str | None, top: int) -> None:
 
 
 @main.command("export-best")
-@click.option("--study", "study_name", required=True, help="Study name.")
+@click.option("--study", "study_name", help="Study name (default: the storage's only study).")
 @click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write here instead of stdout.")
-def export_best(study_name: str, storage: str | None, top: int, out: Path | None) -> None:
+def export_best(study_name: str | None, storage: str | None, top: int, out: Path | None) -> None:
     """Write the best parameters as YAML (search --enqueue reads it back)."""
     from mapnet_tune import search as s
 

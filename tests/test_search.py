@@ -64,8 +64,8 @@ def test_search_logs_trials_and_resumes(workdir, cli):
     assert [p.info.run_id for p in parents_again] == [parents[0].info.run_id]
     assert len(children) == 5
 
-    status = cli("status", "--study", "tiny")
-    assert status.exit_code == 0 and "5 complete" in status.output
+    status = cli("status")  # the storage's only study
+    assert status.exit_code == 0 and "study tiny: 5 complete" in status.output
 
     # export-best writes parameters that search --enqueue puts first in a new study.
     assert cli("export-best", "--study", "tiny", "--out", "best.yaml").exit_code == 0
@@ -152,3 +152,5 @@ def test_changed_study_file_does_not_mix_into_old_study(workdir, cli):
 def test_status_of_unknown_study(workdir, cli):
     result = cli("status", "--study", "nothing")
     assert result.exit_code == 2 and "no study 'nothing'" in result.output
+    result = cli("status")
+    assert result.exit_code == 2 and "run mapnet-tune search first" in result.output
