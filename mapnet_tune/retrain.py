@@ -39,7 +39,7 @@ from mapnet_tune.search import (
     load_existing_study,
     params_for_log,
     ranked_trials,
-    suggest,
+    trial_params,
     trial_seed,
 )
 from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
@@ -285,9 +285,7 @@ def _samples(split: Split, images: np.ndarray) -> int:
 def _candidate(plan: Plan, trial: optuna.trial.FrozenTrial) -> Candidate:
     """The trial's full parameters and retraining batch size, checked against the data."""
     config = plan.config
-    params = suggest(optuna.trial.FixedTrial(trial.params), config)
-    if trial.user_attrs.get("batch_size_override"):
-        params["batch_size"] = int(trial.user_attrs["batch_size_override"])
+    params = trial_params(optuna.trial.FixedTrial(trial.params), config, trial.user_attrs)
     batch = max(1, round(int(params["batch_size"]) * config.retrain.batch_scale))
     final = _final_train(plan)
     counts = [_samples(final, np.arange(len(final.images)))]

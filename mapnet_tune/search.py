@@ -296,6 +296,16 @@ def suggest(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
     return params
 
 
+def trial_params(trial: optuna.Trial | optuna.trial.FixedTrial, study: StudyConfig,
+                 user_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a trial trains with: its parameters, and the halved batch size of an
+    out-of-memory retry (kept apart because it may lie outside the sampled choices)."""
+    params = suggest(trial, study)
+    if user_attrs.get("batch_size_override"):
+        params["batch_size"] = int(user_attrs["batch_size_override"])
+    return params
+
+
 def build_model(study: StudyConfig, channels: int) -> MAPNet:
     """A freshly initialised MAP-Net as the study file describes it."""
     return MAPNet(in_channels=channels, out_channels=1, width=study.model.width,
@@ -366,10 +376,7 @@ class Objective:
             self.progress.line(f"t{trial.number:04d} not needed: other workers fill the study")
             raise
         study = self.req.study
-        params = suggest(trial, study)
-        batch_override = trial.user_attrs.get("batch_size_override")
-        if batch_override:
-            params["batch_size"] = int(batch_override)
+        params = trial_params(trial, study, trial.user_attrs)
         seed = trial_seed(study.sampler.seed, trial.number)
         name = f"{study.dataset.name}-t{trial.number:04d}"
         run_id = self.tracker.create_run(self.experiment_id, name, {

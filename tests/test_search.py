@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -154,3 +155,27 @@ def test_status_of_unknown_study(workdir, cli):
     assert result.exit_code == 2 and "no study 'nothing'" in result.output
     result = cli("status")
     assert result.exit_code == 2 and "run mapnet-tune search first" in result.output
+
+
+def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monkeypatch):
+    # A CUDA out-of-memory error cannot be provoked on the CPU; raise it where the GPU would.
+    from mapnet_tune import engine
+
+    real_fit = engine.fit
+
+    def fit_that_runs_out_of_memory(model, train, val, settings, **kwargs):
+        if settings.batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_fit(model, train, val, settings, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", fit_that_runs_out_of_memory)
+    cfg = write_study(workdir / "oom.yaml")  # batch size 4
+    result = cli("search", "--config", cfg, "--trials", 1, "--study", "oom")
+    assert result.exit_code == 0, result.output
+    first, retry = _study("oom").trials
+    assert first.state == TrialState.FAIL
+    assert "re-queued with batch size 2" in first.user_attrs["fail_reason"]
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    assert retry.user_attrs["retry_of"] == 0
+    run = MlflowClient("sqlite:///mlflow.db").get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.params["hp.batch_size"] == "2"
