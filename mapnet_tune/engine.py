@@ -37,6 +37,8 @@ class TrainSettings:
     """What one training run needs besides the model and the data.
 
     ``batch_size`` is the optimiser's batch: one Adam step per ``batch_size`` samples.
+    ``amp`` runs training and validation under bf16 autocast on CUDA (see :func:`autocast`);
+    False gives an fp32 reference to check that bf16 costs no accuracy.
     """
 
     epochs: int
@@ -51,6 +53,7 @@ class TrainSettings:
     objective: str = "val/iou"
     maximize: bool = True
     seed: int = 0
+    amp: bool = True
 
 
 @dataclass
@@ -65,9 +68,12 @@ class FitResult:
     samples_seen: int = 0
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (same accuracy, several times the speed); nothing elsewhere."""
-    if device.type == "cuda":
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (same accuracy, several times the speed); nothing elsewhere.
+
+    ``enabled=False`` (``TrainSettings.amp``) gives the fp32 reference on CUDA too.
+    """
+    if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -77,6 +83,8 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        # Trials train on a few fixed input shapes: cuDNN's autotuner pays back at once.
+        torch.backends.cudnn.benchmark = True
     return model
 
 
@@ -187,7 +195,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
         total, steps = torch.zeros((), device=device), 0
         for x, y in batches.epoch(settings.steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
+            with autocast(device, settings.amp):
                 loss = loss_fn(_forward(model, x).float(), y)
             loss.backward()
             optimizer.step()
@@ -203,7 +211,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
         if val is not None:
             metrics.update(evaluate(model, val, settings.eval_protocol, "val", device=device,
                                     stride=settings.eval_stride,
-                                    batch_size=settings.eval_batch_size))
+                                    batch_size=settings.eval_batch_size, amp=settings.amp))
             if settings.objective not in metrics:
                 raise KeyError(f"objective metric '{settings.objective}' is not among the "
                                f"computed metrics: {', '.join(sorted(metrics))}")
@@ -234,7 +242,8 @@ def _better(value: float, best: float | None, maximize: bool) -> bool:
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray | torch.Tensor, protocol: str = "full-image",
             *, window: int = 64, stride: int = 5, batch_size: int = 64,
-            device: torch.device | None = None, tta: bool = False) -> torch.Tensor:
+            device: torch.device | None = None, tta: bool = False,
+            amp: bool = True) -> torch.Tensor:
     """Foreground probabilities for whole images of any size.
 
     Args:
@@ -247,6 +256,7 @@ def predict(model: nn.Module, images: np.ndarray | torch.Tensor, protocol: str =
         batch_size: Images (full-image) or windows (sliding-window) per forward pass.
         device: Default :func:`pick_device`.
         tta: Average over the identity and horizontal, vertical and both flips.
+        amp: bf16 autocast on CUDA; False runs in fp32.
 
     Returns:
         (N, 1, H, W) float32 probabilities on the CPU.
@@ -258,26 +268,26 @@ def predict(model: nn.Module, images: np.ndarray | torch.Tensor, protocol: str =
     for i in range(0, len(x_all), 1 if protocol == "sliding-window" else batch_size):
         x = x_all[i:i + (1 if protocol == "sliding-window" else batch_size)].to(device).float()
         flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
-        probs = sum(_flipped(model, x, dims, protocol, window, stride, batch_size, device)
+        probs = sum(_flipped(model, x, dims, protocol, window, stride, batch_size, device, amp)
                     for dims in flips) / len(flips)
         out.append(probs.float().cpu())
     return torch.cat(out)
 
 
-def _flipped(model, x, dims, protocol, window, stride, batch_size, device) -> torch.Tensor:
+def _flipped(model, x, dims, protocol, window, stride, batch_size, device, amp) -> torch.Tensor:
     x = torch.flip(x, dims) if dims else x
     if protocol == "full-image":
-        with autocast(device):
+        with autocast(device, amp):
             probs = torch.sigmoid(_forward(model, x).float())
     elif protocol == "sliding-window":
-        probs = _sliding_window(model, x, window, stride, batch_size, device)
+        probs = _sliding_window(model, x, window, stride, batch_size, device, amp)
     else:
         raise ValueError(f"unknown protocol '{protocol}'; use full-image or sliding-window")
     return torch.flip(probs, dims) if dims else probs
 
 
 def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
-                    batch_size: int, device: torch.device) -> torch.Tensor:
+                    batch_size: int, device: torch.device, amp: bool) -> torch.Tensor:
     """Overlap-averaged window probabilities for one image (1, C, H, W)."""
     _, c, h, w = x.shape
     # Pad bottom/right with zeros until (size - window) is a multiple of the stride, as the
@@ -289,7 +299,7 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
     windows = cols[0].T.reshape(-1, c, window, window)
     probs = torch.empty(len(windows), 1, window, window, device=device)
     for i in range(0, len(windows), batch_size):
-        with autocast(device):
+        with autocast(device, amp):
             logits = _forward(model, windows[i:i + batch_size])
         probs[i:i + batch_size] = torch.sigmoid(logits.float())
     summed = F.fold(probs.reshape(len(windows), -1).T[None], (ph, pw), window, stride=stride)
@@ -302,7 +312,7 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
 def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val", *,
              device: torch.device | None = None, stride: int = 16, batch_size: int = 64,
              legacy: bool = False, window: int = 64,
-             accumulator: MetricAccumulator | None = None) -> dict[str, float]:
+             accumulator: MetricAccumulator | None = None, amp: bool = True) -> dict[str, float]:
     """Score a split with pooled counts over its evaluated pixels (its FOV when it has one).
 
     Args:
@@ -312,6 +322,7 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
         legacy: Also report the published "JS" (pixel accuracy) and thresholded AUC.
         accumulator: Collects the counts and histograms; pass a fresh one to read more than
             the metrics afterwards (e.g. its ROC curve).
+        amp: bf16 autocast on CUDA; False scores in fp32.
 
     Returns:
         Metrics keyed ``prefix/name``.
@@ -330,7 +341,7 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
         for i in range(0, len(coords), batch_size):
             c = coords[i:i + batch_size]
             x = _gather_patches(images, c, split.patch_size).float()
-            with autocast(device):
+            with autocast(device, amp):
                 probs = torch.sigmoid(_forward(model, x).float())
             valid = _gather_patches(fov, c, split.patch_size) > 0 if fov is not None else None
             acc.update(probs, _gather_patches(masks, c, split.patch_size) > 0, valid)
@@ -339,7 +350,7 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
         step = batch_size if protocol == "full-image" else 1
         for i in range(0, len(split.images), step):
             probs = predict(model, split.images[i:i + step], protocol, window=window,
-                            stride=stride, batch_size=batch_size, device=device)
+                            stride=stride, batch_size=batch_size, device=device, amp=amp)
             valid = torch.from_numpy(split.fov[i:i + step]) > 0 if split.fov is not None else None
             acc.update(probs, torch.from_numpy(split.masks[i:i + step]) > 0, valid)
     return acc.compute(prefix, legacy=legacy)
