@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -176,7 +175,7 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 
     tracker = Tracker(tracking_uri)
     click.echo(f"MLflow UI for {tracker.uri} at http://{host}:{port} (Ctrl-C stops it)")
-    sys.exit(tracker.serve_ui(host, port))
+    tracker.serve_ui(host, port)
 
 
 @main.command()

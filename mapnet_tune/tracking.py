@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -410,14 +410,17 @@ class Tracker:
             return f"open {self.uri}"
         return f"mapnet-tune ui --tracking-uri {self.uri}"
 
-    def serve_ui(self, host: str, port: int) -> int:
-        """Run the MLflow UI on this store in the foreground; returns its exit status."""
+    def serve_ui(self, host: str, port: int) -> NoReturn:
+        """Become the MLflow UI on this store (the process is replaced, so that Ctrl-C or a
+        SIGTERM reaches the server and it shuts its workers down)."""
         if self.uri.startswith(("http://", "https://")):
             raise UserError(f"{self.uri} is already a tracking server; open it in a browser")
-        cmd = ["mlflow", "server", "--backend-store-uri", self.uri, "--host", host,
-               "--port", str(port), "--workers", "1"]
+        # The interpreter running us has mlflow; its `mlflow` script need not be on PATH.
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+        sys.stdout.flush()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        return subprocess.call(cmd, env=env)
+        os.execve(sys.executable, cmd, env)
 
 
 def git_sha() -> str:
