@@ -603,14 +603,15 @@ def run_search(req: SearchRequest) -> optuna.Study:
     """
     tracker = Tracker(req.tracking_uri, tolerate_outages=True)
     tracker.check_reachable()
-    study, created = _open_study(req, tracker)
-    # The parent run comes before the data, so that workers started together wait for it
-    # seconds, not for however long the creator takes to prepare a dataset.
-    experiment_id = tracker.experiment(req.study_name)
-    parent = _ensure_parent(study, created, tracker, experiment_id, req)
+    # Data problems surface before anything is written to either store. Workers started
+    # together prepare at the same time (the cache tolerates that), so none of them waits
+    # long for the parent run that the study's creator makes right after.
     data = prepare(req.study.dataset.name, req.source or req.study.dataset.source,
                    req.study.dataset.options)
     check_channels(req.study, data.channels)
+    study, created = _open_study(req, tracker)
+    experiment_id = tracker.experiment(req.study_name)
+    parent = _ensure_parent(study, created, tracker, experiment_id, req)
     if req.enqueue is not None:
         enqueue_file(study, req.enqueue)
     tracker.set_tags(parent, {"dataset.fingerprint": data.fingerprint})

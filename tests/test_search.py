@@ -179,3 +179,10 @@ def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monke
     assert retry.user_attrs["retry_of"] == 0
     run = MlflowClient("sqlite:///mlflow.db").get_run(retry.user_attrs["mlflow_run_id"])
     assert run.data.params["hp.batch_size"] == "2"
+
+
+def test_missing_dataset_source_writes_nothing(workdir, cli):
+    result = cli("search", "--dataset", "drive", "--trials", 1)
+    assert result.exit_code == 2
+    assert "mapnet-tune prepare --dataset drive --source PATH" in result.output
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
