@@ -24,7 +24,9 @@ def _free_port() -> int:
 
 
 def test_ui_serves_the_embedded_store(workdir):
-    Tracker().experiment("demo-study")  # creates ./mlflow.db with one experiment
+    # ./mlflow.db with one experiment. An absolute URI: MLflow caches one engine per URI
+    # per process, so a relative one could still point at an earlier test's folder.
+    Tracker(f"sqlite:///{workdir / 'mlflow.db'}").experiment("demo-study")
     port = _free_port()
     # The console script without an activated environment, as a user would start it.
     script = Path(sys.executable).parent / "mapnet-tune"
