@@ -22,7 +22,7 @@ from mapnet_tune.data import Split
 from mapnet_tune.data.augment import Augment, BatchAugment
 from mapnet_tune.metrics import MetricAccumulator
 
-EpochCallback = Callable[[int, dict[str, float], nn.Module], None]
+EpochCallback = Callable[[int, dict[str, float], nn.Module, bool], None]
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -128,10 +128,10 @@ class Batches:
 
     def epoch(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of (x, y) float batches on the device, in a fresh random order."""
-        order = torch.from_numpy(self.rng.permutation(self.count))
+        order = torch.from_numpy(self.rng.permutation(self.count)).to(self.images.device)
         steps = len(self) if limit is None else min(limit, len(self))
         for step in range(steps):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.images.device)
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             if self.coords is not None:
                 coords = self.coords[idx]
                 size = self.split.patch_size
@@ -174,8 +174,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
         settings: Hyperparameters and budget.
         augment: Optional augmentation: per sample (albumentations, on the CPU) or a
             :class:`BatchAugment` (whole batches on the training device).
-        on_epoch: Called as ``on_epoch(epoch, metrics, model)`` after each validation; may
-            raise to stop training (the exception propagates).
+        on_epoch: Called as ``on_epoch(epoch, metrics, model, improved)`` after each
+            validation, ``improved`` telling whether this epoch is the best so far; may raise
+            to stop training (the exception propagates).
         device: Where to train; default :func:`pick_device`.
 
     Returns:
@@ -217,14 +218,15 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
                                f"computed metrics: {', '.join(sorted(metrics))}")
         metrics["time/epoch_end_s"] = time.perf_counter() - start
         result.history.append(metrics)
-        if val is not None and _better(metrics[settings.objective],
-                                       result.best_metrics.get(settings.objective),
-                                       settings.maximize):
+        improved = val is not None and _better(metrics[settings.objective],
+                                               result.best_metrics.get(settings.objective),
+                                               settings.maximize)
+        if improved:
             result.best_epoch, result.best_metrics = epoch, metrics
             result.best_state = {k: v.detach().to("cpu", copy=True)
                                  for k, v in model.state_dict().items()}
         if on_epoch is not None:
-            on_epoch(epoch, metrics, model)
+            on_epoch(epoch, metrics, model, improved)
         if settings.max_seconds is not None and time.perf_counter() - start > settings.max_seconds:
             break
     result.seconds = time.perf_counter() - start

@@ -459,7 +459,8 @@ class Runner:
             seed=cand.seed,
         )
 
-        def on_epoch(epoch: int, metrics: dict[str, float], _: torch.nn.Module) -> None:
+        def on_epoch(epoch: int, metrics: dict[str, float], _: torch.nn.Module,
+                     __: bool) -> None:
             self.tracker.log_metrics(run_id, metrics, step=epoch)
             _say(f"{label} epoch {epoch + 1}/{settings.epochs} loss {metrics['train/loss']:.4f}")
 

@@ -423,15 +423,13 @@ class Objective:
             eval_stride=study.train.eval_stride, eval_batch_size=study.train.eval_batch_size,
             objective=study.objective.metric, maximize=study.objective.direction == "maximize",
             seed=seed)
-        best: dict[str, float] = {}
         metric = study.objective.metric
 
-        def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module) -> None:
+        def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module,
+                     improved: bool) -> None:
             self.tracker.log_metrics(run_id, metrics, step=epoch)
             value = metrics[metric]
-            if not best or _improves(value, best[metric], settings.maximize):
-                best.clear()
-                best.update(metrics, epoch=epoch)
+            if improved:
                 self._log_overlays(net, run_id, epoch)
             self.progress.line(f"t{trial.number:04d} epoch {epoch + 1}/{settings.epochs} "
                                f"loss {metrics['train/loss']:.4f} {metric} {value:.4f}")
@@ -487,12 +485,6 @@ class Objective:
                 reason += f"; re-queued with batch size {half}"
         trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
         return reason
-
-
-def _improves(value: float, best: float, maximize: bool) -> bool:
-    if math.isnan(value):
-        return False
-    return math.isnan(best) or (value > best if maximize else value < best)
 
 
 def _ensure_parent(study: optuna.Study, created: bool, tracker: Tracker, experiment_id: str,

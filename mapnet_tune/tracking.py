@@ -241,21 +241,6 @@ class Tracker:
             self.client.set_tag(run_id, "mapnet_tune.end_reason", reason[:5000])
         self.client.set_terminated(run_id, status=RunStatus.to_string(getattr(RunStatus, status)))
 
-    def run_status(self, run_id: str) -> str:
-        """FINISHED, RUNNING, KILLED, FAILED or SCHEDULED."""
-        return self.client.get_run(run_id).info.status
-
-    def find_runs(self, experiment_id: str, filter_string: str) -> list:
-        """Runs of an experiment matching an MLflow filter, oldest first."""
-        runs = self.client.search_runs([experiment_id], filter_string=filter_string,
-                                       max_results=5000, order_by=["attributes.start_time ASC"])
-        return list(runs)
-
-    def run_metrics_history(self, run_id: str, key: str) -> list[float]:
-        """The logged values of one metric, by step."""
-        return [m.value for m in sorted(self.client.get_metric_history(run_id, key),
-                                        key=lambda m: m.step)]
-
     def system_metrics(self, run_id: str):
         """A started monitor that logs GPU/CPU utilisation to the run; call ``.finish()``.
 
