@@ -15,14 +15,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /app
 # torch first and pinned, so that the project's range never resolves to another build.
 RUN pip install "$TORCH"
-COPY pyproject.toml README.md ./
-COPY mapnet_tune ./mapnet_tune
-COPY studies ./studies
-# Editable, so that the shipped study files stay beside the package where it looks for them.
-RUN pip install -e .
+# A regular install: the shipped study files are package data (mapnet_tune/studies), so the
+# source is not needed once installed.
+COPY pyproject.toml README.md /tmp/src/
+COPY mapnet_tune /tmp/src/mapnet_tune
+RUN pip install /tmp/src && rm -rf /tmp/src
 
 RUN useradd --create-home --uid 1000 mapnet \
     && mkdir -p /cache /data /work \

@@ -1,5 +1,8 @@
 """Study files (``studies/*.yaml``) parsed once into frozen, validated config objects.
 
+The shipped study files are package data (``mapnet_tune/studies/``; the checkout's top-level
+``studies`` is a link to it), so an installed copy finds them as well as a checkout does.
+
 A study file is data, never code: it is read with ``yaml.safe_load`` and every key is
 checked against the schema below, so a typo fails at start with the key's name instead of
 silently falling back to a default.
@@ -18,7 +21,9 @@ import yaml
 
 from mapnet_tune.errors import UserError
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+#: The shipped study files. pip installs the package as plain files (not zipped), so
+#: this is a real directory in a regular install and in an editable one alike.
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
 #: Hyperparameters a study may search or fix, with the value used when a file leaves one out.
 #: Augmentation defaults to off so that a study only augments what it asks for.
@@ -62,7 +67,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fixed training and validation settings shared by every trial of a study."""
+    """Fixed training and validation settings shared by every trial of a study.
+
+    ``precise_bn_batches`` > 0 re-estimates the BatchNorm running statistics over that many
+    training batches before each validation, so that trials of few steps (large batches, small
+    sets) are not scored on statistics still near their initial values; 0 keeps the running
+    averages of training.
+    """
 
     epochs: int = 10
     max_minutes: float | None = None
@@ -70,6 +81,7 @@ class TrainConfig:
     eval_protocol: str = "full-image"
     eval_stride: int = 16
     eval_batch_size: int = 64
+    precise_bn_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,11 @@ def _positive(path: str, key: str, value: float | int | None) -> None:
         raise UserError(f"{_where(path, key)} must be positive, got {value}")
 
 
+def _non_negative(path: str, key: str, value: float | int) -> None:
+    if value < 0:
+        raise UserError(f"{_where(path, key)} must be 0 or more, got {value}")
+
+
 def _param(path: str, name: str, raw: Any) -> ParamSpec:
     key = f"search_space.{name}"
     if not isinstance(raw, dict):
@@ -324,9 +341,10 @@ def parse_study(raw: Any, path: str) -> StudyConfig:
     train = _section(path, "train", raw.get("train") or {}, TrainConfig,
                      {"epochs": int, "max_minutes": (float, type(None)),
                       "steps_per_epoch": (int, type(None)), "eval_protocol": str,
-                      "eval_stride": int, "eval_batch_size": int})
+                      "eval_stride": int, "eval_batch_size": int, "precise_bn_batches": int})
     for key in ("epochs", "max_minutes", "steps_per_epoch", "eval_stride", "eval_batch_size"):
         _positive(path, f"train.{key}", getattr(train, key))
+    _non_negative(path, "train.precise_bn_batches", train.precise_bn_batches)
     _choice(path, "train.eval_protocol", train.eval_protocol, EVAL_PROTOCOLS)
     objective = _section(path, "objective", raw.get("objective") or {}, ObjectiveConfig,
                          {"metric": str, "direction": str})
@@ -368,7 +386,7 @@ def load_study(path: str | Path) -> StudyConfig:
     """
     path = Path(path)
     raw = read_yaml(path, "study file", "pass --config with an existing file (examples are in "
-                                        "studies/)")
+                                        f"{STUDIES_DIR})")
     return parse_study(raw or {}, str(path))
 
 

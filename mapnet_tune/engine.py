@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,12 @@ from torch import nn
 
 from mapnet_tune.data import Split
 from mapnet_tune.data.augment import Augment, BatchAugment
-from mapnet_tune.metrics import MetricAccumulator
+from mapnet_tune.metrics import (
+    Confusion,
+    MetricAccumulator,
+    legacy_lung_confusion,
+    legacy_lung_metrics,
+)
 
 EpochCallback = Callable[[int, dict[str, float], nn.Module, bool], None]
 
@@ -39,6 +45,8 @@ class TrainSettings:
     ``batch_size`` is the optimiser's batch: one Adam step per ``batch_size`` samples.
     ``amp`` runs training and validation under bf16 autocast on CUDA (see :func:`autocast`);
     False gives an fp32 reference to check that bf16 costs no accuracy.
+    ``precise_bn_batches`` > 0 re-estimates the BatchNorm running statistics over that many
+    un-augmented training batches before each validation (see :func:`recompute_bn_stats`).
     """
 
     epochs: int
@@ -54,6 +62,7 @@ class TrainSettings:
     maximize: bool = True
     seed: int = 0
     amp: bool = True
+    precise_bn_batches: int = 0
 
 
 @dataclass
@@ -189,6 +198,8 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
                                  fused=device.type == "cuda")
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([settings.pos_weight], device=device))
     batches = Batches(train, settings.batch_size, device, augment, settings.seed)
+    bn_batches = (precise_bn_stream(train, settings, device)
+                  if settings.precise_bn_batches > 0 and val is not None else None)
     result = FitResult()
     start = time.perf_counter()
     for epoch in range(settings.epochs):
@@ -210,6 +221,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
                                      f"the learning rate {settings.lr:g} is probably too high")
         metrics = {"train/loss": train_loss}
         if val is not None:
+            if bn_batches is not None:
+                recompute_bn_stats(model, bn_batches, settings.precise_bn_batches,
+                                   device=device, amp=settings.amp)
             metrics.update(evaluate(model, val, settings.eval_protocol, "val", device=device,
                                     stride=settings.eval_stride,
                                     batch_size=settings.eval_batch_size, amp=settings.amp))
@@ -239,6 +253,95 @@ def _better(value: float, best: float | None, maximize: bool) -> bool:
     if best is None:
         return True
     return value > best if maximize else value < best
+
+
+def precise_bn_stream(train: Split, settings: TrainSettings,
+                      device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """An endless stream of training batches for :func:`recompute_bn_stats`.
+
+    It has its own :class:`Batches`, seeded from ``settings.seed`` but apart from the training
+    stream, so drawing from it leaves the training order and augmentation unchanged. It does not
+    augment: validation scores un-augmented images, so the statistics should describe those
+    (brightness and contrast shift every channel's mean and variance), and sharing the training
+    augmentation would consume its random stream.
+
+    Args:
+        train: The training split.
+        settings: Supplies the batch size and the seed.
+        device: Where the batches are put.
+
+    Returns:
+        Batches of the training batch size, epoch after epoch in fresh random orders.
+    """
+    seed = int(np.random.SeedSequence([settings.seed, 1]).generate_state(1)[0])
+    source = Batches(train, settings.batch_size, device, None, seed)
+    # Batches refuses fewer samples than one batch, so every epoch yields at least one batch.
+    return itertools.chain.from_iterable(source.epoch() for _ in itertools.count())
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Iterable, steps: int, *,
+                       device: torch.device | None = None, amp: bool = True) -> int:
+    """Replace every BatchNorm layer's running statistics by their true average over batches.
+
+    With a small momentum (MAP-Net's 0.01) and few steps, the running statistics are still
+    mostly their initial values and lag the weights, so evaluation would score BatchNorm lag
+    instead of the model. Here each layer's statistics are reset and re-estimated as the
+    equal-weight average of the batch statistics of ``steps`` forward passes in training mode
+    with the current weights (momentum None is PyTorch's cumulative average); the layers'
+    momenta and the model's training mode are restored afterwards. Trained weights are not
+    touched, nor is the global random state.
+
+    Args:
+        model: A MAP-Net, or any module taking inputs whose sides are multiples of 16 and at
+            least 32 (other sizes go through ``forward_padded``, as in training); its
+            ``_BatchNorm`` layers that track running statistics are re-estimated.
+        batches: Yields input tensors, or tuples whose first element is the input, such as
+            ``(x, y)`` or ``(x, y, mask)``; only the first ``steps`` are drawn.
+        steps: Batches to average over.
+        device: Where the batches go; default the device of the model's first parameter.
+        amp: Forward under :func:`autocast`, as training does, so that the statistics are
+            those of the activations the model is evaluated with.
+
+    Returns:
+        The number of batches averaged over (fewer than ``steps`` when ``batches`` runs out;
+        0 when the model has no BatchNorm layer, in which case nothing is drawn).
+
+    Raises:
+        ValueError: ``steps`` is below 1, or ``batches`` yields nothing.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if device is None:
+        device = next(model.parameters()).device
+    drawn = iter(itertools.islice(batches, steps))
+    first = next(drawn, None)
+    # Checked before the reset: reset statistics with no batch to estimate them would be worse
+    # than the lagging ones.
+    if first is None:
+        raise ValueError("no batches to estimate the BatchNorm statistics from")
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    used = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for batch in itertools.chain([first], drawn):
+            x = batch if isinstance(batch, torch.Tensor) else batch[0]
+            with autocast(device, amp):
+                _forward(model, x.to(device, non_blocking=True).float())
+            used += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
 
 
 @torch.no_grad()
@@ -317,6 +420,12 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
              accumulator: MetricAccumulator | None = None, amp: bool = True) -> dict[str, float]:
     """Score a split with pooled counts over its evaluated pixels (its FOV when it has one).
 
+    A whole-image split whose extras hold ``lung`` and ``body_fov`` (lung target
+    ``bcdu-outside``) is also scored the published way, estimated lung = FOV and not the
+    prediction against the lung mask, under ``prefix/legacy_lung_*`` keys (see
+    :func:`~mapnet_tune.metrics.legacy_lung_metrics`); that evaluation leaks ground truth
+    through the FOV, so the target's own metrics stay the honest ones.
+
     Args:
         protocol: ``patches`` (the split's patch coordinates, e.g. DRIVE validation patches),
             ``full-image`` or ``sliding-window``.
@@ -331,6 +440,7 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
     """
     device = device or pick_device()
     acc = accumulator if accumulator is not None else MetricAccumulator()
+    lung_counts: list[Confusion] = []  # legacy lung evaluation, per batch
     if protocol == "patches":
         if split.patches is None:
             raise ValueError("protocol 'patches' needs a split with patch coordinates; "
@@ -350,12 +460,20 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
     else:
         # Full images go through in batches; sliding-window batches its windows instead.
         step = batch_size if protocol == "full-image" else 1
+        lung, body_fov = split.extras.get("lung"), split.extras.get("body_fov")
         for i in range(0, len(split.images), step):
             probs = predict(model, split.images[i:i + step], protocol, window=window,
                             stride=stride, batch_size=batch_size, device=device, amp=amp)
             valid = torch.from_numpy(split.fov[i:i + step]) > 0 if split.fov is not None else None
             acc.update(probs, torch.from_numpy(split.masks[i:i + step]) > 0, valid)
-    return acc.compute(prefix, legacy=legacy)
+            if lung is not None and body_fov is not None:
+                lung_counts.append(legacy_lung_confusion(probs, lung[i:i + step],
+                                                         body_fov[i:i + step], acc.threshold))
+    metrics = acc.compute(prefix, legacy=legacy)
+    if lung_counts:
+        pooled = Confusion(*(sum(counts) for counts in zip(*lung_counts, strict=True)))
+        metrics.update(legacy_lung_metrics(pooled, prefix))
+    return metrics
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mapnet_tune import engine
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError
-from mapnet_tune.metrics import format_header, format_row
+from mapnet_tune.metrics import format_header, format_row, legacy_lung_columns
 from mapnet_tune.predict import load_model
 
 #: The published DRIVE protocol's stride, for models that do not record one.
@@ -27,7 +27,8 @@ def evaluate_model(
     The dataset is prepared with the options recorded with the model, so the model sees the
     preprocessing and resolution it was trained with. Protocol, stride and window default to
     the recorded ones, so a registered model reproduces the numbers logged when it was
-    registered.
+    registered. A lung model trained on target ``bcdu-outside`` gets a second, labelled row:
+    the published lung evaluation (``legacy_lung_*``), which leaks ground truth.
 
     Args:
         ref: A checkpoint path or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``.
@@ -78,4 +79,17 @@ def evaluate_model(
             f"note: the model was trained and scored on dataset fingerprint "
             f"{meta['fingerprint']}; these files or options differ"
         )
-    return "\n".join([*lines, format_header(), format_row(metrics, split)])
+    legacy_lung = legacy_lung_columns(metrics)
+    if not legacy_lung:
+        return "\n".join([*lines, format_header(), format_row(metrics, split)])
+    # An around-lung (bcdu-outside) model: its own target first, then the published lung
+    # evaluation, labelled, since only the latter compares with the published lung table.
+    return "\n".join([
+        *lines,
+        format_header(),
+        "target (FOV and not lung), scored directly:",
+        format_row(metrics, split),
+        "legacy lung evaluation (published: estimated lung = FOV and not the prediction, "
+        "against the lung mask); leaks ground truth through the FOV:",
+        format_row(legacy_lung, split),
+    ])

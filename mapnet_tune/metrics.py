@@ -12,7 +12,9 @@ absent.
 
 The published tables' "JS" is pixel accuracy and their lung/ISIC "AUC" is (SE + SP) / 2 from
 thresholded scores; :meth:`MetricAccumulator.compute` reports them, labelled "legacy", when
-asked.
+asked. The published lung evaluation of an around-lung model (estimated lung = FOV and not the
+prediction) is :func:`legacy_lung_confusion`, labelled "legacy_lung" because it leaks ground
+truth through the FOV.
 """
 
 from __future__ import annotations
@@ -90,6 +92,65 @@ def iou(c: Confusion) -> float:
 def balanced_accuracy(c: Confusion) -> float:
     """(SE + SP) / 2: what ``roc_auc_score`` returns on thresholded scores (legacy "AUC")."""
     return (sensitivity(c) + specificity(c)) / 2
+
+
+def legacy_lung_confusion(
+    probs: ArrayLike, lung: ArrayLike, body_fov: ArrayLike, threshold: float = 0.5
+) -> Confusion:
+    """Counts of BCDU's lung evaluation of an around-lung (FOV and not lung) prediction.
+
+    The estimated lung is ``body_fov`` and not (``probs`` >= ``threshold``), compared with the
+    lung mask over all pixels. The FOV is built from the lung masks, so these counts leak
+    ground truth: no estimated lung falls outside it and the outside is free true negatives.
+    """
+    p = _as_tensor(probs)
+    estimated = _as_bool(body_fov, p.device) & ~(p >= threshold)
+    return confusion(estimated, _as_bool(lung, p.device))
+
+
+#: The legacy lung metrics, keyed ``prefix/legacy_lung_NAME``; "auc" is (SE + SP) / 2.
+LEGACY_LUNG_METRICS = ("iou", "f1", "accuracy", "sensitivity", "specificity", "auc")
+
+
+def legacy_lung_metrics(c: Confusion, prefix: str) -> dict[str, float]:
+    """The metrics of :func:`legacy_lung_confusion` counts, keyed ``prefix/legacy_lung_NAME``.
+
+    Its "auc" is the binary (SE + SP) / 2 that the published lung tables report as AUC.
+    """
+    values = {
+        "iou": iou(c),
+        "f1": f1(c),
+        "accuracy": accuracy(c),
+        "sensitivity": sensitivity(c),
+        "specificity": specificity(c),
+        "auc": balanced_accuracy(c),
+    }
+    return {f"{prefix}/legacy_lung_{name}": values[name] for name in LEGACY_LUNG_METRICS}
+
+
+def legacy_lung_columns(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The legacy lung metrics (any prefix) under the keys of the published columns.
+
+    ``p/legacy_lung_NAME`` becomes ``p/NAME``, its accuracy also ``p/legacy_js`` and its
+    binary AUC ``p/legacy_auc_binary``, so a table row shows the published evaluation of an
+    around-lung model in the published columns. Everything else is dropped: the continuous
+    ROC-AUC, precision and per-image IoU have no legacy lung value, and the around-lung
+    target's own metrics must not appear under lung headers.
+    """
+    renamed = {
+        "iou": ("iou",),
+        "f1": ("f1",),
+        "accuracy": ("accuracy", "legacy_js"),
+        "sensitivity": ("sensitivity",),
+        "specificity": ("specificity",),
+        "auc": ("legacy_auc_binary",),
+    }
+    columns = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.rpartition("/legacy_lung_")
+        for column in renamed.get(name, ()) if prefix else ():
+            columns[f"{prefix}/{column}"] = value
+    return columns
 
 
 def roc_auc(

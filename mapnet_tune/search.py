@@ -422,7 +422,7 @@ class Objective:
             steps_per_epoch=study.train.steps_per_epoch, eval_protocol=study.train.eval_protocol,
             eval_stride=study.train.eval_stride, eval_batch_size=study.train.eval_batch_size,
             objective=study.objective.metric, maximize=study.objective.direction == "maximize",
-            seed=seed)
+            seed=seed, precise_bn_batches=study.train.precise_bn_batches)
         metric = study.objective.metric
 
         def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module,

@@ -13,7 +13,9 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from mapnet_tune import checkpoint
 from mapnet_tune.cli import main
+from mapnet_tune.data import get_loader
 
 TINY_STUDY = {
     "dataset": {"name": "synthetic",
@@ -140,6 +142,30 @@ def write_folder(root: Path, count: int = 10, size=(20, 24), colour: bool = True
         save_image(root / "images" / f"case{i:02d}.png", rng.integers(0, 256, shape, np.uint8))
         save_image(root / "masks" / f"case{i:02d}.png", disk(*size, size[0] / 3))
     return root
+
+
+def write_checkpoint(path: Path, model, data) -> Path:
+    """Save ``model`` as a checkpoint for the prepared dataset ``data``, scored on whole images.
+
+    The only place tests create checkpoints: when the checkpoint format changes, only this
+    helper follows it.
+    """
+    options = {key: data.settings[key] for key in get_loader(data.name).options}
+    train = data.splits["train"]
+    meta = {
+        "dataset": data.name,
+        "dataset_options": options,
+        "settings": data.settings,
+        "fingerprint": data.fingerprint,
+        "train_resolution": "{}x{} images".format(*train.images.shape[-2:]),
+        "patch_size": train.patch_size,
+        "eval_protocol": "full-image",
+        "eval_stride": 16,
+        "eval_window": None,
+        "eval_batch_size": 2,
+        "threshold": 0.5,
+    }
+    return checkpoint.save(path, model, meta)
 
 
 # One search and retrain-best shared by the registry, predict and report tests.

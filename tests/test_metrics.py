@@ -20,6 +20,9 @@ from mapnet_tune.metrics import (
     format_header,
     format_row,
     iou,
+    legacy_lung_columns,
+    legacy_lung_confusion,
+    legacy_lung_metrics,
     precision,
     roc_auc,
     sensitivity,
@@ -101,6 +104,43 @@ def test_published_confusion_matrices(matrix, expected):
         iou=iou(c),
     )
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_legacy_lung_evaluation_by_hand():
+    # Around-lung probabilities; 0.5 counts as predicted around-lung (>= 0.5).
+    probs = np.array([0.9, 0.5, 0.4, 0.2, 0.1, 0.7])
+    body_fov = np.array([1, 1, 1, 1, 0, 0])
+    lung = np.array([0, 1, 1, 0, 0, 0])
+    # Estimated lung = FOV and not predicted: [0, 0, 1, 1, 0, 0].
+    c = legacy_lung_confusion(probs, lung, body_fov)
+    assert c == Confusion(tp=1, fp=1, tn=3, fn=1)
+    assert legacy_lung_confusion(torch.from_numpy(probs), lung, body_fov, threshold=0.55) == (
+        Confusion(tp=2, fp=1, tn=3, fn=0)
+    )
+    assert legacy_lung_metrics(c, "test") == pytest.approx({
+        "test/legacy_lung_iou": 1 / 3,
+        "test/legacy_lung_f1": 0.5,
+        "test/legacy_lung_accuracy": 4 / 6,
+        "test/legacy_lung_sensitivity": 0.5,
+        "test/legacy_lung_specificity": 0.75,
+        "test/legacy_lung_auc": 0.625,
+    })
+
+
+def test_legacy_lung_columns_keep_only_the_legacy_values():
+    metrics = {
+        "test/iou": 0.1, "test/f1": 0.2, "test/auc": 0.3, "test/legacy_js": 0.4,
+        "test/legacy_lung_iou": 0.5, "test/legacy_lung_f1": 0.6,
+        "test/legacy_lung_accuracy": 0.7, "test/legacy_lung_sensitivity": 0.8,
+        "test/legacy_lung_specificity": 0.9, "test/legacy_lung_auc": 0.85,
+        "val/legacy_lung_auc": 0.65,
+    }
+    assert legacy_lung_columns(metrics) == {
+        "test/iou": 0.5, "test/f1": 0.6, "test/accuracy": 0.7, "test/legacy_js": 0.7,
+        "test/sensitivity": 0.8, "test/specificity": 0.9, "test/legacy_auc_binary": 0.85,
+        "val/legacy_auc_binary": 0.65,
+    }
+    assert legacy_lung_columns({"test/iou": 0.1}) == {}
 
 
 def _random_scores(seed: int, shape=(6, 1, 20, 20), decimals: int | None = None):

@@ -6,6 +6,12 @@ val / test), scaled proportionally when the folder holds a subset (see
 uint8, as ``scipy.misc.imresize`` did; the resized mask is thresholded at mask / 255 > 0.5
 ("correct", the default) or raw > 0.5, i.e. any non-zero value ("bcdu").
 
+Option ``split``: "sorted" (default) keeps BCDU's order of blocks; "seed-swap" is a labelled
+legacy split that reproduces the seed report's notebook, which wrote the 259-image block
+(positions 1815-2073) to "Test" and the 520-image block to "Valid": the 259 block is the test
+split and the 520 block validation. It is there to compare with the published numbers, not
+recommended: it tests on half as many images.
+
 Normalisation: BCDU z-scores each split over all its values and then min-maxes each image
 (all channels together) to [0, 255]; this project then divides by 255. A z-score is an
 affine map with a positive scale, so the per-image min-max that follows undoes it exactly:
@@ -46,6 +52,11 @@ OPTIONS = {
         "correct",
         choice("correct", "bcdu"),
         "correct: mask / 255 > 0.5; bcdu: raw mask > 0.5 (any non-zero value)",
+    ),
+    "split": Option(
+        "sorted",
+        choice("sorted", "seed-swap"),
+        "sorted: train / val / test blocks; seed-swap: the seed notebook's, test and val swapped",
     ),
 }
 
@@ -92,12 +103,23 @@ def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
         names=tuple(image_path.stem for image_path, _ in items),
     )
     sizes = proportional_sizes(len(items), SPLIT_WEIGHTS, f"{scanned.root / IMAGES}")
+    notes = ["split by position after sorting by ISIC ID"]
+    order = ("train", "val", "test")
+    if options["split"] == "seed-swap":
+        # The seed notebook's folders: the second (259) block is "Test", the third "Valid".
+        order = ("train", "test", "val")
+        notes.append(
+            "split seed-swap: legacy split reproducing the seed report's notebook (the 259-image "
+            "block is the test split, the 520-image block validation); not recommended"
+        )
+    cut = blocks(everything, order, sizes)
+    splits = {name: cut[name] for name in ("train", "val", "test")}
     settings = {
-        "split_sizes": list(sizes),
+        "split_sizes": [len(split.images) for split in splits.values()],
         "normalisation": "per-image min-max to [0, 1]",
-        "notes": ["split by position after sorting by ISIC ID"],
+        "notes": notes,
     }
-    return blocks(everything, ("train", "val", "test"), sizes), settings
+    return splits, settings
 
 
 def preprocess(settings: dict, images: list[np.ndarray]) -> np.ndarray:
