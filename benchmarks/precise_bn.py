@@ -49,15 +49,22 @@ def run_trial(data, batch_size: int, args: argparse.Namespace, device: torch.dev
     train, val = data.splits["train"], data.splits["val"]
     torch.manual_seed(args.seed)
     model = MAPNet(train.images.shape[1], 1, width=args.width, bn_momentum=BN_MOMENTUM)
-    settings = engine.TrainSettings(epochs=args.epochs, batch_size=batch_size, lr=args.lr,
-                                    pos_weight=POS_WEIGHT, eval_batch_size=16, seed=args.seed)
+    settings = engine.TrainSettings(
+        epochs=args.epochs,
+        batch_size=batch_size,
+        lr=args.lr,
+        pos_weight=POS_WEIGHT,
+        eval_batch_size=16,
+        seed=args.seed,
+    )
     rows: list[dict] = []
     precise_s: dict[int, list[float]] = {n: [] for n in args.precise_bn_batches}
     callback_s: list[float] = []
     validation_s: list[float] = []
 
-    def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module,
-                 improved: bool) -> None:
+    def on_epoch(
+        epoch: int, metrics: dict[str, float], net: torch.nn.Module, improved: bool
+    ) -> None:
         entered = time.perf_counter()
         row = {"epoch": epoch + 1, "running": metrics["val/iou"]}
         for n in args.precise_bn_batches:
@@ -67,8 +74,9 @@ def run_trial(data, batch_size: int, args: argparse.Namespace, device: torch.dev
             start = time.perf_counter()
             engine.recompute_bn_stats(twin, stream, n, device=device, amp=settings.amp)
             scored = time.perf_counter()
-            row[n] = engine.evaluate(twin, val, "full-image", device=device,
-                                     batch_size=16)["val/iou"]
+            row[n] = engine.evaluate(twin, val, "full-image", device=device, batch_size=16)[
+                "val/iou"
+            ]
             precise_s[n].append(scored - start)
             validation_s.append(time.perf_counter() - scored)
         rows.append(row)
@@ -80,17 +88,24 @@ def run_trial(data, batch_size: int, args: argparse.Namespace, device: torch.dev
     # training is the time between two ends less the previous callback and one validation
     # (timed here on the twin, the same call fit makes).
     validation = sum(validation_s) / len(validation_s)
-    train_s = [ends[e + 1] - ends[e] - (callback_s[e - 1] if e else 0.0) - validation
-               for e in range(len(rows))]
+    train_s = [
+        ends[e + 1] - ends[e] - (callback_s[e - 1] if e else 0.0) - validation
+        for e in range(len(rows))
+    ]
     # Medians: the first epoch and the first re-estimation pay for oneDNN's kernel set-up.
-    return {"steps": len(train.images) // batch_size, "rows": rows,
-            "epoch_s": statistics.median(train_s),
-            "precise_s": {n: statistics.median(t) for n, t in precise_s.items()}}
+    return {
+        "steps": len(train.images) // batch_size,
+        "rows": rows,
+        "epoch_s": statistics.median(train_s),
+        "precise_s": {n: statistics.median(t) for n, t in precise_s.items()},
+    }
 
 
 def _cost(trial: dict, batch_size: int, ns: Sequence[int]) -> str:
-    parts = [f"N={n} {trial['precise_s'][n]:.2f} s ({trial['precise_s'][n] / trial['epoch_s']:.0%})"
-             for n in ns]
+    parts = [
+        f"N={n} {trial['precise_s'][n]:.2f} s ({trial['precise_s'][n] / trial['epoch_s']:.0%})"
+        for n in ns
+    ]
     return f"batch {batch_size}: {', '.join(parts)} of {trial['epoch_s']:.2f} s"
 
 
@@ -100,8 +115,9 @@ def _ranking(values: dict[int, float]) -> str:
     return " > ".join(" = ".join(str(b) for b in group) for _, group in groups)
 
 
-def format_report(trials: dict[int, dict], args: argparse.Namespace,
-                  device: torch.device, seconds: float) -> str:
+def format_report(
+    trials: dict[int, dict], args: argparse.Namespace, device: torch.device, seconds: float
+) -> str:
     """A Markdown section: machine, versions, date, setup and the per-epoch table."""
     sizes = list(trials)
     ns = args.precise_bn_batches
@@ -127,8 +143,10 @@ def format_report(trials: dict[int, dict], args: argparse.Namespace,
     columns = [("running", "running")] + [(n, f"precise {n}") for n in ns]
     header = ["epoch"] + [f"b{b} {label}" for b in sizes for _, label in columns]
     header += [f"ranking {label}" for _, label in columns]
-    lines += ["| " + " | ".join(header) + " |",
-              "|---:|" + "---:|" * (len(sizes) * len(columns)) + "---|" * len(columns)]
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "|---:|" + "---:|" * (len(sizes) * len(columns)) + "---|" * len(columns),
+    ]
     for e in range(args.epochs):
         cells = [str(e + 1)]
         for b in sizes:
@@ -148,8 +166,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=_ints, default=[4, 16])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--precise-bn-batches", type=_ints, default=[4, 16],
-                        help="batch counts N to re-estimate the statistics over")
+    parser.add_argument(
+        "--precise-bn-batches",
+        type=_ints,
+        default=[4, 16],
+        help="batch counts N to re-estimate the statistics over",
+    )
     parser.add_argument("--train", type=int, default=144, help="training images")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,8 +184,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse options, train the trials, print the report and optionally append it."""
     args = _arguments(argv)
     device = engine.pick_device(args.device)
-    data = prepare("synthetic", None, {"size": 64, "channels": 3, "seed": 0,
-                                       "count": {"train": args.train, "val": 16, "test": 1}})
+    data = prepare(
+        "synthetic",
+        None,
+        {
+            "size": 64,
+            "channels": 3,
+            "seed": 0,
+            "count": {"train": args.train, "val": 16, "test": 1},
+        },
+    )
     start = time.perf_counter()
     trials = {b: run_trial(data, b, args, device) for b in args.batch_sizes}
     report = format_report(trials, args, device, time.perf_counter() - start)

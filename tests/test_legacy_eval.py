@@ -68,8 +68,19 @@ def test_evaluate_prints_the_published_lung_evaluation_of_an_around_lung_model(w
     data = prepare("lung", root, {"target": "bcdu-outside", "size": 128})
     model = _mixed_model(data)
     path = write_checkpoint(workdir / "outside.pt", model, data)
-    result = cli("evaluate", "--checkpoint", path, "--dataset", "lung", "--source", root,
-                 "--split", "test", "--device", "cpu")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        path,
+        "--dataset",
+        "lung",
+        "--source",
+        root,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "leaks ground truth through the FOV" in result.output
 
@@ -111,8 +122,19 @@ def test_direct_lung_target_has_no_legacy_row(workdir, cli):
     torch.manual_seed(0)
     model = MAPNet(in_channels=1, width=0.0625)
     path = write_checkpoint(workdir / "direct.pt", model, data)
-    result = cli("evaluate", "--checkpoint", path, "--dataset", "lung", "--source", root,
-                 "--split", "test", "--device", "cpu")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        path,
+        "--dataset",
+        "lung",
+        "--source",
+        root,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "legacy lung" not in result.output and "leaks" not in result.output
     metrics = engine.evaluate(model, data.splits["test"], "full-image", "test", device=CPU)
@@ -121,10 +143,25 @@ def test_direct_lung_target_has_no_legacy_row(workdir, cli):
 
 def _version(target: str | None) -> ModelVersionInfo:
     options = {"size": 512} if target is None else {"size": 512, "target": target}
-    metrics = {"f1": 0.5, "sensitivity": 0.6, "specificity": 0.7, "accuracy": 0.8, "auc": 0.9,
-               "legacy_js": 0.8, "legacy_auc_binary": 0.65, "iou": 0.33, "iou_per_image": 0.3}
-    legacy = {"f1": 0.95, "sensitivity": 0.96, "specificity": 0.97, "accuracy": 0.98,
-              "auc": 0.965, "iou": 0.9}
+    metrics = {
+        "f1": 0.5,
+        "sensitivity": 0.6,
+        "specificity": 0.7,
+        "accuracy": 0.8,
+        "auc": 0.9,
+        "legacy_js": 0.8,
+        "legacy_auc_binary": 0.65,
+        "iou": 0.33,
+        "iou_per_image": 0.3,
+    }
+    legacy = {
+        "f1": 0.95,
+        "sensitivity": 0.96,
+        "specificity": 0.97,
+        "accuracy": 0.98,
+        "auc": 0.965,
+        "iou": 0.9,
+    }
     tags = {
         "dataset": "lung",
         "dataset.options": json.dumps(options),
@@ -139,8 +176,12 @@ def test_report_row_of_an_around_lung_model_is_its_labelled_legacy_evaluation():
     label, metrics = _row_metrics(_version("BCDU-outside"), "lung")
     assert "legacy lung evaluation, leaks ground truth" in label
     assert metrics == {
-        "test/f1": 0.95, "test/sensitivity": 0.96, "test/specificity": 0.97,
-        "test/accuracy": 0.98, "test/legacy_js": 0.98, "test/legacy_auc_binary": 0.965,
+        "test/f1": 0.95,
+        "test/sensitivity": 0.96,
+        "test/specificity": 0.97,
+        "test/accuracy": 0.98,
+        "test/legacy_js": 0.98,
+        "test/legacy_auc_binary": 0.965,
         "test/iou": 0.9,
     }
     for target in (None, "direct"):

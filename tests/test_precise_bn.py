@@ -19,8 +19,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data():
-    return prepare("synthetic", None, {"size": 32, "channels": 1, "seed": 0,
-                                       "count": {"train": 16, "val": 4, "test": 1}})
+    return prepare(
+        "synthetic",
+        None,
+        {"size": 32, "channels": 1, "seed": 0, "count": {"train": 16, "val": 4, "test": 1}},
+    )
 
 
 def _norms(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -78,11 +81,13 @@ def test_recompute_refuses_an_empty_stream_before_touching_the_statistics():
 def _fit(data, precise_bn_batches: int) -> tuple[nn.Module, engine.FitResult]:
     torch.manual_seed(0)
     model = MAPNet(1, 1, width=0.125, bn_momentum=0.01)
-    settings = engine.TrainSettings(epochs=2, batch_size=4, lr=1e-3, eval_batch_size=4,
-                                    precise_bn_batches=precise_bn_batches)
+    settings = engine.TrainSettings(
+        epochs=2, batch_size=4, lr=1e-3, eval_batch_size=4, precise_bn_batches=precise_bn_batches
+    )
     augment = BatchAugment({"flip_p": 0.5, "rot90_p": 0.5, "brightness": 0.2}, 1, seed=0)
-    result = engine.fit(model, data.splits["train"], data.splits["val"], settings, augment,
-                        device=CPU)
+    result = engine.fit(
+        model, data.splits["train"], data.splits["val"], settings, augment, device=CPU
+    )
     return model, result
 
 
@@ -91,11 +96,11 @@ def test_precise_bn_leaves_the_training_stream_unchanged(data):
     # 6 batches > the 4 of an epoch: the precise stream runs into its second epoch.
     precise, precise_result = _fit(data, 6)
     # Trained parameters (convolutions and BN affine weights) match; buffers need not.
-    for (name, a), (_, b) in zip(plain.named_parameters(), precise.named_parameters(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(plain.named_parameters(), precise.named_parameters(), strict=True):
         assert torch.equal(a, b), name
-    assert ([h["train/loss"] for h in plain_result.history]
-            == [h["train/loss"] for h in precise_result.history])
+    assert [h["train/loss"] for h in plain_result.history] == [
+        h["train/loss"] for h in precise_result.history
+    ]
     assert not torch.equal(_norms(plain)[0].running_mean, _norms(precise)[0].running_mean)
 
 
@@ -103,8 +108,11 @@ def test_precise_bn_batches_is_read_and_validated():
     doc = {"dataset": {"name": "synthetic"}, "train": {"precise_bn_batches": 8}}
     assert parse_study(doc, "s.yaml").train.precise_bn_batches == 8
     assert parse_study({"dataset": {"name": "synthetic"}}, "s.yaml").train.precise_bn_batches == 0
-    for bad, needle in ((-1, "must be 0 or more, got -1"), (2.5, "must be an integer"),
-                        (True, "must be an integer")):
+    for bad, needle in (
+        (-1, "must be 0 or more, got -1"),
+        (2.5, "must be an integer"),
+        (True, "must be an integer"),
+    ):
         doc = {"dataset": {"name": "synthetic"}, "train": {"precise_bn_batches": bad}}
         with pytest.raises(UserError) as err:
             parse_study(doc, "bad.yaml")
