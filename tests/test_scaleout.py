@@ -7,6 +7,7 @@ with a short heartbeat so that a lost worker's trial is retried within seconds.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
@@ -166,13 +167,20 @@ class Worker:
         return self.log.read_text()
 
 
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage per URL for all polling: a fresh one per look would open a connection pool
+    each time (five looks a second) and run the server out of connections."""
+    return optuna.storages.RDBStorage(url)
+
+
 def _study(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=_storage(storage))
 
 
 def _running_trial(storage: str, name: str) -> optuna.trial.FrozenTrial | None:
     """A trial that is mid-training: running, with its MLflow run and an epoch reported."""
-    if name not in optuna.get_all_study_names(storage):
+    if name not in optuna.get_all_study_names(_storage(storage)):
         return None
     running = _study(storage, name).get_trials(states=(TrialState.RUNNING,))
     return next((t for t in running
