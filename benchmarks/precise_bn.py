@@ -54,7 +54,7 @@ def run_trial(data, batch_size: int, args: argparse.Namespace, device: torch.dev
         batch_size=batch_size,
         lr=args.lr,
         pos_weight=POS_WEIGHT,
-        eval_batch_size=16,
+        evaluation=engine.Evaluation(protocol="full-image", batch_size=16),
         seed=args.seed,
     )
     rows: list[dict] = []
@@ -74,9 +74,9 @@ def run_trial(data, batch_size: int, args: argparse.Namespace, device: torch.dev
             start = time.perf_counter()
             engine.recompute_bn_stats(twin, stream, n, device=device, amp=settings.amp)
             scored = time.perf_counter()
-            row[n] = engine.evaluate(twin, val, "full-image", device=device, batch_size=16)[
-                "val/iou"
-            ]
+            row[n] = engine.evaluate(
+                twin, val, settings.evaluation, device=device, amp=settings.amp
+            )["val/iou"]
             precise_s[n].append(scored - start)
             validation_s.append(time.perf_counter() - scored)
         rows.append(row)

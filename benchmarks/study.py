@@ -27,6 +27,7 @@ the repository.
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -43,7 +44,8 @@ from throughput import Setting, cuda_backend_flags, report_header
 from mapnet_tune import engine
 from mapnet_tune.config import StudyConfig, load_study, read_yaml
 from mapnet_tune.data import prepare
-from mapnet_tune.search import SearchRequest, build_model, run_search
+from mapnet_tune.recipe import build_model, search_settings
+from mapnet_tune.search import SearchRequest, run_search
 from mapnet_tune.tracking import Tracker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,34 +270,29 @@ def precision_check(
 ) -> list[tuple[str, engine.FitResult]]:
     """Train the same model on the same batches with bf16 autocast and in IEEE fp32.
 
-    Both runs use the study's (shrunken) training and validation settings, no augmentation
-    and seed 0; the fp32 run also turns TF32 off, so it is the exact reference.
+    Both runs use a trial's settings from the (shrunken) study file (``search_settings``:
+    epochs, step cap, validation, objective, precise BN) with this batch size and lr,
+    pos_weight 1, seed 0, no augmentation and no time cap; the fp32 run also turns TF32 off,
+    so it is the exact reference.
 
     Returns:
         ``[("bf16", result), ("fp32", result)]``.
     """
     data = prepare(study.dataset.name, source, study.dataset.options)
+    train = data.splits["train"]
+    params = {"batch_size": batch_size, "lr": lr, "pos_weight": 1.0}
     runs = []
     for label, amp in (("bf16", True), ("fp32", False)):
-        settings = engine.TrainSettings(
-            epochs=study.train.epochs,
-            batch_size=batch_size,
-            lr=lr,
-            steps_per_epoch=study.train.steps_per_epoch,
-            eval_protocol=study.train.eval_protocol,
-            eval_stride=study.train.eval_stride,
-            eval_batch_size=study.train.eval_batch_size,
-            objective=study.objective.metric,
-            maximize=study.objective.direction == "maximize",
-            amp=amp,
+        # A trial's settings (its validation, objective and step cap) for this batch and lr,
+        # pos_weight 1 and seed 0; without the time cap, so that both runs train every epoch.
+        settings = dataclasses.replace(
+            search_settings(study, params, 0, train), max_seconds=None, amp=amp
         )
         torch.manual_seed(settings.seed)
         model = build_model(study, data.channels)
         flags = Setting(name=label, tf32=amp)
         with cuda_backend_flags(device, flags):
-            result = engine.fit(
-                model, data.splits["train"], data.splits["val"], settings, device=device
-            )
+            result = engine.fit(model, train, data.splits["val"], settings, device=device)
         runs.append((label, result))
     return runs
 

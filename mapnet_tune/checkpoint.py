@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mapnet_tune.errors import UserError
 from mapnet_tune.model import MAPNet
+from mapnet_tune.modelcard import ModelCard
 
-FORMAT = "mapnet-tune/1"
+#: Version 2 keeps a :class:`ModelCard`; version 1 kept a loose dict.
+FORMAT = "mapnet-tune/2"
 
 
-def save(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+def save(path: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
     """Write a checkpoint atomically.
 
     Args:
         path: Destination ``.pt`` file.
         model: A MAP-Net (its ``config`` rebuilds it).
-        meta: JSON-like facts kept with the weights: dataset name and preprocessing settings,
-            the resolution and protocol it was trained and is meant to be evaluated at.
+        card: What the model is and how to use it (preprocessing, protocol, window, stride).
 
     Returns:
         The written path.
@@ -30,12 +30,12 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"format": FORMAT, "model_config": model.config, "state_dict": state,
-                "meta": meta}, tmp)
+                "card": card.to_dict()}, tmp)
     tmp.replace(path)
     return path
 
 
-def load(path: str | Path) -> tuple[MAPNet, dict[str, Any]]:
+def load(path: str | Path) -> tuple[MAPNet, ModelCard]:
     """Rebuild the model from a checkpoint, in eval mode on the CPU.
 
     Raises:
@@ -48,11 +48,12 @@ def load(path: str | Path) -> tuple[MAPNet, dict[str, Any]]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ValueError("not a mapnet-tune checkpoint")
+            raise ValueError(f"not a {FORMAT} checkpoint (older ones: retrain-best --force)")
         model = MAPNet(**blob["model_config"])
         model.load_state_dict(blob["state_dict"])
+        card = ModelCard.from_dict(blob["card"])
     except Exception as exc:  # torch raises many types for a corrupt file
         raise UserError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); it must be a "
                         f"mapnet-tune checkpoint") from None
-    return model.eval(), blob["meta"]
+    return model.eval(), card

@@ -141,11 +141,18 @@ def search(dataset: str | None, config_path: str | None, trials: int, study_name
 @click.option("--study", "study_name", help="Study name (default: the storage's only study).")
 @click.option("--storage", help="Optuna storage URL [env MAPNET_TUNE_STORAGE].")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
-def status(study_name: str | None, storage: str | None, top: int) -> None:
-    """Print the best trials of a study."""
+@click.option("--tracking-uri", help="MLflow store of the registry [env MLFLOW_TRACKING_URI].")
+def status(study_name: str | None, storage: str | None, top: int,
+           tracking_uri: str | None) -> None:
+    """Print the best trials of a study and the registered versions of its model."""
     from mapnet_tune import search as s
+    from mapnet_tune.report import registered_summary
 
-    click.echo(s.trials_table(s.load_existing_study(storage, study_name), top))
+    study = s.load_existing_study(storage, study_name)
+    click.echo(s.trials_table(study, top))
+    registered = registered_summary(study.user_attrs.get("dataset", ""), tracking_uri)
+    if registered:
+        click.echo(f"\n{registered}")
 
 
 @main.command("export-best")
@@ -207,8 +214,13 @@ def evaluate(checkpoint: str | None, model_uri: str | None, dataset: str, source
 @click.option("--study", "study_name", help="Study name (default: the storage's only study).")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many of the best finished trials to retrain.")
-@click.option("--folds", type=click.IntRange(min=2),
-              help="K-fold cross-validation over train+val; register the best mean only.")
+@click.option("--folds", type=click.IntRange(min=0),
+              help="K-fold cross-validation over train+val decides, and the best mean is "
+                   "registered; 0 decides on the val split [default: the study file's "
+                   "retrain.folds].")
+@click.option("--recipe", "recipes", metavar="NAME[,NAME...]",
+              help="Retrain recipes that compete under the same validation, e.g. "
+                   "default,crop256 [default: default].")
 @click.option("--force", is_flag=True, help="Retrain trials that are registered already.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="The study file (default: the one the search ran with).")
@@ -216,17 +228,17 @@ def evaluate(checkpoint: str | None, model_uri: str | None, dataset: str, source
 @click.option("--tracking-uri", help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
 @click.option("--source", type=click.Path(), help="Dataset folder (default: the prepared one).")
 @click.option("--device", help="torch device (default: cuda if present).")
-def retrain_best(study_name: str | None, top_k: int, folds: int | None, force: bool,
-                 config_path: Path | None, storage: str | None, tracking_uri: str | None,
-                 source: str | None, device: str | None) -> None:
-    """Retrain the best trials at full resolution, score them on test and register them."""
+def retrain_best(study_name: str | None, top_k: int, folds: int | None, recipes: str | None,
+                 force: bool, config_path: Path | None, storage: str | None,
+                 tracking_uri: str | None, source: str | None, device: str | None) -> None:
+    """Validate the best trials' retrain recipe, register the chosen models, score test once."""
     from mapnet_tune.retrain import RetrainRequest
     from mapnet_tune.retrain import retrain_best as run
 
     click.echo(run(RetrainRequest(study_name=study_name, storage=storage,
                                   tracking_uri=tracking_uri, top_k=top_k, folds=folds,
-                                  force=force, config=config_path, source=source,
-                                  device=device)))
+                                  recipes=_names(recipes, "--recipe"), force=force,
+                                  config=config_path, source=source, device=device)))
 
 
 @main.command()
@@ -259,6 +271,16 @@ def report(study_name: str | None, out: Path | None, storage: str | None,
     from mapnet_tune.report import write_report
 
     click.echo(write_report(study_name, storage, tracking_uri, out))
+
+
+def _names(text: str | None, option: str) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of names; None when not given."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError(f"{option} needs at least one name, e.g. {option} default")
+    return names
 
 
 if __name__ == "__main__":

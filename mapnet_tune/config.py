@@ -137,29 +137,67 @@ class ParamSpec:
         return bool(self.low) or bool(self.high)
 
 
+#: How retrain-best trains: ``full`` on whole images (padded to a square multiple of 16, the loss
+#: masked to the real pixels and the FOV) and predicts whole images; ``crop`` on the patches
+#: that ``dataset_options`` make, predicting by sliding windows of the patch size.
+RESOLUTIONS = ("full", "crop")
+
+
 @dataclass(frozen=True)
-class RetrainConfig:
-    """How retrain-best trains the chosen configurations at full resolution.
+class RecipeConfig:
+    """One retraining recipe: what the registered model, and each of its CV folds, trains with.
 
     Attributes:
-        epochs: Training epochs; the final weights are kept (there is no held-out set to pick
-            an epoch on once validation is merged into training).
+        epochs: Training epochs; the final weights are kept, in the folds as in the registered
+            model, so that the cross-validated score estimates the registered model.
+        resolution: One of :data:`RESOLUTIONS`.
         dataset_options: Merged over ``dataset.options`` to prepare the retraining data, e.g.
-            DRIVE ``{patch_size: 256, patches_per_image: 600}`` or ISIC ``{size: 384}``.
+            DRIVE ``{patch_size: 256, patches_per_image: 600}`` or ISIC ``{size: 512}``.
         batch_scale: A trial's batch size is multiplied by this (rounded, at least 1), so that
             larger samples keep the pixels per optimiser step: (64 / 256)^2 for DRIVE crops.
-        eval_protocol: How the model is scored, and later used: ``full-image`` or
-            ``sliding-window`` (windows the size of the training patches).
+        eval_protocol: ``full-image`` or ``sliding-window`` (windows the size of the training
+            patches); by default full-image for ``full`` and sliding-window for ``crop``.
         eval_stride: Sliding-window stride.
         eval_batch_size: Images (full-image) or windows (sliding-window) per forward pass.
+        val_every: A fold scores its held-out images every this many epochs (and after the
+            last), so its curve shows whether ``epochs`` is enough.
     """
 
     epochs: int = 20
+    resolution: str = "full"
     dataset_options: dict[str, Any] = field(default_factory=dict)
     batch_scale: float = 1.0
-    eval_protocol: str = "full-image"
+    eval_protocol: str | None = None
     eval_stride: int = 16
     eval_batch_size: int = 16
+    val_every: int = 5
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol, explicit or implied by the resolution."""
+        if self.eval_protocol is not None:
+            return self.eval_protocol
+        return "full-image" if self.resolution == "full" else "sliding-window"
+
+
+#: The name of the recipe that the ``retrain`` section's own keys describe.
+DEFAULT_RECIPE = "default"
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How retrain-best trains, validates and registers the chosen configurations.
+
+    Attributes:
+        folds: K-fold cross-validation over train + val decides among the candidates and the
+            champion gate; 0 trains on train and decides on the val split.
+        recipes: ``default`` (the section's own keys) and every named variant (the default
+            with the variant's keys over it); ``--recipe`` picks which ones compete.
+    """
+
+    folds: int = 0
+    recipes: dict[str, RecipeConfig] = field(
+        default_factory=lambda: {DEFAULT_RECIPE: RecipeConfig()})
 
 
 @dataclass(frozen=True)
@@ -366,16 +404,50 @@ def parse_study(raw: Any, path: str) -> StudyConfig:
         for name, default in HYPERPARAMETERS.items()
     )
     _validate_space(path, space)
-    rt = raw.get("retrain") or {}
-    retrain = _section(path, "retrain", rt, RetrainConfig,
-                       {"epochs": int, "dataset_options": dict, "batch_scale": float,
-                        "eval_protocol": str, "eval_stride": int, "eval_batch_size": int})
-    for key in ("epochs", "batch_scale", "eval_stride", "eval_batch_size"):
-        _positive(path, f"retrain.{key}", getattr(retrain, key))
-    # Test images have no patch coordinates: a retrained model is scored on whole images.
-    _choice(path, "retrain.eval_protocol", retrain.eval_protocol, EVAL_PROTOCOLS[1:])
+    retrain = _retrain(path, raw.get("retrain") or {})
     return StudyConfig(path=path, dataset=dataset, model=model, train=train, objective=objective,
                        sampler=sampler, pruner=pruner, space=space, retrain=retrain)
+
+
+_RECIPE_TYPES = {"epochs": int, "resolution": str, "dataset_options": dict,
+                 "batch_scale": float, "eval_protocol": (str, type(None)), "eval_stride": int,
+                 "eval_batch_size": int, "val_every": int}
+
+
+def _recipe(path: str, prefix: str, raw: Any, base: dict[str, Any]) -> RecipeConfig:
+    """One recipe: ``raw``'s keys over ``base``, checked and named by ``prefix`` in errors."""
+    _check_keys(path, prefix, raw, set(_RECIPE_TYPES))
+    recipe = _section(path, prefix, {**base, **raw}, RecipeConfig, _RECIPE_TYPES)
+    for key in ("epochs", "batch_scale", "eval_stride", "eval_batch_size", "val_every"):
+        _positive(path, f"{prefix}.{key}", getattr(recipe, key))
+    _choice(path, f"{prefix}.resolution", recipe.resolution, RESOLUTIONS)
+    if recipe.eval_protocol is not None:
+        # Test images have no patch coordinates: a retrained model is scored on whole images.
+        _choice(path, f"{prefix}.eval_protocol", recipe.eval_protocol, EVAL_PROTOCOLS[1:])
+        if recipe.resolution == "full" and recipe.eval_protocol != "full-image":
+            raise UserError(f"{_where(path, prefix + '.eval_protocol')}: a model trained at "
+                            f"resolution full predicts whole images; use full-image, or "
+                            f"resolution: crop for sliding windows")
+    return recipe
+
+
+def _retrain(path: str, raw: Any) -> RetrainConfig:
+    """The ``retrain`` section: ``folds``, the default recipe's keys, and named ``variants``."""
+    _check_keys(path, "retrain", raw, {"folds", "variants", *_RECIPE_TYPES})
+    folds = _typed(path, "retrain.folds", raw.get("folds", 0), int)
+    if folds == 1 or folds < 0:
+        raise UserError(f"{_where(path, 'retrain.folds')} must be 0 (decide on the val split) "
+                        f"or at least 2, got {folds}")
+    own = {k: v for k, v in raw.items() if k in _RECIPE_TYPES}
+    recipes = {DEFAULT_RECIPE: _recipe(path, "retrain", own, {})}
+    variants = _typed(path, "retrain.variants", raw.get("variants") or {}, dict)
+    for name, body in variants.items():
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() \
+                or name == DEFAULT_RECIPE:
+            raise UserError(f"{_where(path, 'retrain.variants')}: '{name}' is not a usable "
+                            f"recipe name (letters, digits, - and _; not '{DEFAULT_RECIPE}')")
+        recipes[name] = _recipe(path, f"retrain.variants.{name}", body, own)
+    return RetrainConfig(folds=folds, recipes=recipes)
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -38,6 +38,41 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: Protocols :func:`evaluate` knows: the split's patch coordinates (DRIVE's validation patches),
+#: whole images, or the published sliding window.
+PROTOCOLS = ("patches", "full-image", "sliding-window")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model is scored and used: the one place that holds the window and the stride.
+
+    Attributes:
+        protocol: One of :data:`PROTOCOLS`.
+        window: Sliding-window side (the training patch side of the model).
+        stride: Sliding-window step; the published DRIVE numbers use 5.
+        batch_size: Images (full-image) or windows/patches per forward pass.
+        threshold: Probability at and above which a pixel is foreground.
+    """
+
+    protocol: str = "full-image"
+    window: int = 64
+    stride: int = 16
+    batch_size: int = 16
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol '{self.protocol}'; use one of "
+                             f"{', '.join(PROTOCOLS)}")
+
+    def describe(self) -> str:
+        """``sliding-window 256 px, stride 64`` or ``full-image``: for tables and cards."""
+        if self.protocol == "sliding-window":
+            return f"sliding-window {self.window} px, stride {self.stride}"
+        return self.protocol
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What one training run needs besides the model and the data.
@@ -46,7 +81,10 @@ class TrainSettings:
     ``amp`` runs training and validation under bf16 autocast on CUDA (see :func:`autocast`);
     False gives an fp32 reference to check that bf16 costs no accuracy.
     ``precise_bn_batches`` > 0 re-estimates the BatchNorm running statistics over that many
-    un-augmented training batches before each validation (see :func:`recompute_bn_stats`).
+    un-augmented training batches before each validation and once more after the last epoch
+    (see :func:`recompute_bn_stats`), so a model trained without validation ends with the
+    same kind of statistics as one that was validated.
+    ``val_every`` validates every that many epochs; the last epoch is always validated.
     """
 
     epochs: int
@@ -55,9 +93,8 @@ class TrainSettings:
     pos_weight: float = 1.0
     max_seconds: float | None = None
     steps_per_epoch: int | None = None
-    eval_protocol: str = "full-image"
-    eval_stride: int = 16
-    eval_batch_size: int = 64
+    evaluation: Evaluation = Evaluation()
+    val_every: int = 1
     objective: str = "val/iou"
     maximize: bool = True
     seed: int = 0
@@ -67,12 +104,11 @@ class TrainSettings:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` hands back: per-epoch history and the best epoch's weights."""
+    """What :func:`fit` hands back: per-epoch history and the best validated epoch."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_metrics: dict[str, float] = field(default_factory=dict)
-    best_state: dict[str, torch.Tensor] | None = None
     seconds: float = 0.0
     samples_seen: int = 0
 
@@ -106,8 +142,28 @@ def _gather_patches(images: torch.Tensor, coords: torch.Tensor, size: int) -> to
     return images.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2)
 
 
+def padded_side(height: int, width: int) -> int:
+    """The square side a whole image is padded to: a multiple of 16, at least 32.
+
+    Square, so that 90-degree rotations keep a batch's shape; used by training on whole
+    images and by full-image prediction alike, so the model sees the same borders in both.
+    """
+    return max(32, -(-max(height, width) // 16) * 16)
+
+
+def _pad_square(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Zero-pad (..., H, W) at the bottom and right to (..., side, side)."""
+    return F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2]))
+
+
 class Batches:
     """Seeded training batches from a split: its patches if it has them, else whole images.
+
+    Each batch is ``(x, y, valid)``. ``valid`` is None for patches (the official recipe trains
+    on every patch pixel). Whole images are zero-padded to a square of :func:`padded_side`,
+    and ``valid`` (B, 1, S, S) then marks the real pixels, inside the FOV when the split has
+    one, so that the loss counts only the pixels the protocol scores; it goes through the
+    same flips and rotations as the mask.
 
     Without augmentation, or with a :class:`BatchAugment`, the arrays live on the device and
     batches are gathered and augmented there; per-sample albumentations needs the CPU.
@@ -124,6 +180,15 @@ class Batches:
         home = torch.device("cpu") if per_sample else device
         self.images = torch.from_numpy(split.images).to(home)
         self.masks = torch.from_numpy(split.masks).to(home)
+        self.valid: torch.Tensor | None = None
+        if split.patches is None:
+            _, _, height, width = split.images.shape
+            side = padded_side(height, width)
+            if split.fov is not None or (height, width) != (side, side):
+                valid = (torch.from_numpy(split.fov).to(home) if split.fov is not None
+                         else torch.ones_like(self.masks))
+                self.images, self.masks, self.valid = (
+                    _pad_square(t, side) for t in (self.images, self.masks, valid))
         self.coords = (torch.from_numpy(split.patches.astype(np.int64)).to(home)
                        if split.patches is not None else None)
         self.count = len(split.patches) if split.patches is not None else len(split.images)
@@ -135,8 +200,9 @@ class Batches:
         """Batches per epoch; the last incomplete batch is dropped, as the official loop does."""
         return self.count // self.batch_size
 
-    def epoch(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of (x, y) float batches on the device, in a fresh random order."""
+    def epoch(self, limit: int | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """One epoch of (x, y, valid) float batches on the device, in a fresh random order."""
         order = torch.from_numpy(self.rng.permutation(self.count)).to(self.images.device)
         steps = len(self) if limit is None else min(limit, len(self))
         for step in range(steps):
@@ -148,15 +214,21 @@ class Batches:
                 y = _gather_patches(self.masks, coords, size)
             else:
                 x, y = self.images[idx], self.masks[idx]
+            # The valid mask rides along as a second mask channel through the augmentation.
+            if self.valid is not None:
+                y = torch.cat([y, self.valid[idx]], 1)
             if isinstance(self.augment, BatchAugment):
-                yield self.augment(x.float(), y.float())
-                continue
-            if self.augment is not None:
+                x, y = self.augment(x.float(), y.float())
+            elif self.augment is not None:
                 pairs = [self.augment(xi.numpy(), yi.numpy()) for xi, yi in zip(x, y, strict=True)]
                 x = torch.from_numpy(np.stack([p[0] for p in pairs]))
                 y = torch.from_numpy(np.stack([p[1] for p in pairs]))
-            yield (x.to(self.device, non_blocking=True).float(),
-                   y.to(self.device, non_blocking=True).float())
+            x = x.to(self.device, non_blocking=True).float()
+            y = y.to(self.device, non_blocking=True).float()
+            if self.valid is None:
+                yield x, y, None
+            else:
+                yield x, y[:, :1], y[:, 1:]
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +249,10 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
     Args:
         model: A MAP-Net (or any module returning logits of the input's size).
         train: Training split (patches or whole images).
-        val: Validation split, scored with ``settings.eval_protocol``; None trains for all
-            epochs without validation (the model then holds the final weights and the result
-            has no best epoch).
+        val: Validation split, scored with ``settings.evaluation`` every
+            ``settings.val_every`` epochs and after the last; None trains without validation.
+            Either way the model ends holding the final weights: which epoch was best is
+            reported, not restored.
         settings: Hyperparameters and budget.
         augment: Optional augmentation: per sample (albumentations, on the CPU) or a
             :class:`BatchAugment` (whole batches on the training device).
@@ -189,26 +262,29 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
         device: Where to train; default :func:`pick_device`.
 
     Returns:
-        The history, the best epoch by ``settings.objective`` and a CPU copy of its weights.
+        The history and the best validated epoch by ``settings.objective``.
     """
     device = device or pick_device()
     torch.manual_seed(settings.seed)
     model = prepare_model(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
                                  fused=device.type == "cuda")
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([settings.pos_weight], device=device))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([settings.pos_weight], device=device),
+                                   reduction="none")
     batches = Batches(train, settings.batch_size, device, augment, settings.seed)
     bn_batches = (precise_bn_stream(train, settings, device)
-                  if settings.precise_bn_batches > 0 and val is not None else None)
+                  if settings.precise_bn_batches > 0 else None)
     result = FitResult()
     start = time.perf_counter()
+    refreshed = -1  # the epoch after which BatchNorm statistics were last re-estimated
     for epoch in range(settings.epochs):
         model.train()
         total, steps = torch.zeros((), device=device), 0
-        for x, y in batches.epoch(settings.steps_per_epoch):
+        for x, y, valid in batches.epoch(settings.steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, settings.amp):
-                loss = loss_fn(_forward(model, x).float(), y)
+                logits = _forward(model, x).float()
+            loss = _masked_mean(loss_fn(logits, y), valid)
             loss.backward()
             optimizer.step()
             # Accumulating on the device avoids a host sync per step.
@@ -220,31 +296,41 @@ def fit(model: nn.Module, train: Split, val: Split | None, settings: TrainSettin
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; "
                                      f"the learning rate {settings.lr:g} is probably too high")
         metrics = {"train/loss": train_loss}
-        if val is not None:
+        last = epoch == settings.epochs - 1
+        validate = val is not None and (last or (epoch + 1) % settings.val_every == 0)
+        if validate:
             if bn_batches is not None:
                 recompute_bn_stats(model, bn_batches, settings.precise_bn_batches,
                                    device=device, amp=settings.amp)
-            metrics.update(evaluate(model, val, settings.eval_protocol, "val", device=device,
-                                    stride=settings.eval_stride,
-                                    batch_size=settings.eval_batch_size, amp=settings.amp))
+                refreshed = epoch
+            metrics.update(evaluate(model, val, settings.evaluation, "val", device=device,
+                                    amp=settings.amp))
             if settings.objective not in metrics:
                 raise KeyError(f"objective metric '{settings.objective}' is not among the "
                                f"computed metrics: {', '.join(sorted(metrics))}")
         metrics["time/epoch_end_s"] = time.perf_counter() - start
         result.history.append(metrics)
-        improved = val is not None and _better(metrics[settings.objective],
-                                               result.best_metrics.get(settings.objective),
-                                               settings.maximize)
+        improved = validate and _better(metrics[settings.objective],
+                                        result.best_metrics.get(settings.objective),
+                                        settings.maximize)
         if improved:
             result.best_epoch, result.best_metrics = epoch, metrics
-            result.best_state = {k: v.detach().to("cpu", copy=True)
-                                 for k, v in model.state_dict().items()}
         if on_epoch is not None:
             on_epoch(epoch, metrics, model, improved)
         if settings.max_seconds is not None and time.perf_counter() - start > settings.max_seconds:
             break
+    if bn_batches is not None and refreshed != len(result.history) - 1:
+        recompute_bn_stats(model, bn_batches, settings.precise_bn_batches, device=device,
+                           amp=settings.amp)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _masked_mean(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The mean per-pixel loss over the valid pixels (all pixels when ``valid`` is None)."""
+    if valid is None:
+        return loss.mean()
+    return (loss * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 def _better(value: float, best: float | None, maximize: bool) -> bool:
@@ -345,20 +431,18 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable, steps: int, *,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray | torch.Tensor, protocol: str = "full-image",
-            *, window: int = 64, stride: int = 5, batch_size: int = 64,
-            device: torch.device | None = None, tta: bool = False,
-            amp: bool = True) -> torch.Tensor:
+def predict(model: nn.Module, images: np.ndarray | torch.Tensor,
+            evaluation: Evaluation = Evaluation(), *, device: torch.device | None = None,
+            tta: bool = False, amp: bool = True) -> torch.Tensor:
     """Foreground probabilities for whole images of any size.
 
     Args:
         model: Returns logits.
         images: (N, C, H, W) float in [0, 1].
-        protocol: ``full-image`` (pad to a multiple of 16, crop back) or ``sliding-window``
-            (the published protocol: ``window`` x ``window`` windows every ``stride`` pixels,
-            zero padding bottom/right, probabilities averaged over overlaps).
-        window, stride: Sliding-window geometry.
-        batch_size: Images (full-image) or windows (sliding-window) per forward pass.
+        evaluation: ``full-image`` (zero-padded to the square :func:`padded_side`, as whole
+            images are in training, and cropped back) or ``sliding-window`` (the published
+            protocol: windows every ``stride`` pixels, zero padding bottom/right,
+            probabilities averaged over overlaps); ``batch_size`` images or windows per pass.
         device: Default :func:`pick_device`.
         tta: Average over the identity and horizontal, vertical and both flips.
         amp: bf16 autocast on CUDA; False runs in fp32.
@@ -366,34 +450,40 @@ def predict(model: nn.Module, images: np.ndarray | torch.Tensor, protocol: str =
     Returns:
         (N, 1, H, W) float32 probabilities on the CPU.
     """
+    if evaluation.protocol == "patches":
+        raise ValueError("protocol 'patches' scores a split's patches; predict whole images "
+                         "with full-image or sliding-window")
     device = device or pick_device()
     model.eval()
     x_all = torch.as_tensor(images)
+    step = 1 if evaluation.protocol == "sliding-window" else evaluation.batch_size
+    flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
     out = []
-    for i in range(0, len(x_all), 1 if protocol == "sliding-window" else batch_size):
-        x = x_all[i:i + (1 if protocol == "sliding-window" else batch_size)].to(device).float()
-        flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
-        probs = sum(_flipped(model, x, dims, protocol, window, stride, batch_size, device, amp)
+    for i in range(0, len(x_all), step):
+        x = x_all[i:i + step].to(device).float()
+        probs = sum(_flipped(model, x, dims, evaluation, device, amp)
                     for dims in flips) / len(flips)
         out.append(probs.float().cpu())
     return torch.cat(out)
 
 
-def _flipped(model, x, dims, protocol, window, stride, batch_size, device, amp) -> torch.Tensor:
+def _flipped(model: nn.Module, x: torch.Tensor, dims: tuple[int, ...], evaluation: Evaluation,
+             device: torch.device, amp: bool) -> torch.Tensor:
     x = torch.flip(x, dims) if dims else x
-    if protocol == "full-image":
+    if evaluation.protocol == "full-image":
+        height, width = x.shape[-2:]
         with autocast(device, amp):
-            probs = torch.sigmoid(_forward(model, x).float())
-    elif protocol == "sliding-window":
-        probs = _sliding_window(model, x, window, stride, batch_size, device, amp)
+            logits = _forward(model, _pad_square(x, padded_side(height, width)))
+        probs = torch.sigmoid(logits.float())[..., :height, :width]
     else:
-        raise ValueError(f"unknown protocol '{protocol}'; use full-image or sliding-window")
+        probs = _sliding_window(model, x, evaluation, device, amp)
     return torch.flip(probs, dims) if dims else probs
 
 
-def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
-                    batch_size: int, device: torch.device, amp: bool) -> torch.Tensor:
+def _sliding_window(model: nn.Module, x: torch.Tensor, evaluation: Evaluation,
+                    device: torch.device, amp: bool) -> torch.Tensor:
     """Overlap-averaged window probabilities for one image (1, C, H, W)."""
+    window, stride, batch_size = evaluation.window, evaluation.stride, evaluation.batch_size
     _, c, h, w = x.shape
     # Pad bottom/right with zeros until (size - window) is a multiple of the stride, as the
     # published evaluation does (DRIVE: 584x565 -> 584x569 at stride 5).
@@ -414,9 +504,8 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: int, stride: int,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val", *,
-             device: torch.device | None = None, stride: int = 16, batch_size: int = 64,
-             legacy: bool = False, window: int = 64,
+def evaluate(model: nn.Module, split: Split, evaluation: Evaluation, prefix: str = "val", *,
+             device: torch.device | None = None, legacy: bool = False,
              accumulator: MetricAccumulator | None = None, amp: bool = True) -> dict[str, float]:
     """Score a split with pooled counts over its evaluated pixels (its FOV when it has one).
 
@@ -427,21 +516,22 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
     through the FOV, so the target's own metrics stay the honest ones.
 
     Args:
-        protocol: ``patches`` (the split's patch coordinates, e.g. DRIVE validation patches),
-            ``full-image`` or ``sliding-window``.
+        evaluation: The protocol (``patches`` scores the split's patch coordinates, e.g.
+            DRIVE validation patches), window, stride, batch size and threshold.
         prefix: Metric key prefix (``val`` or ``test``).
         legacy: Also report the published "JS" (pixel accuracy) and thresholded AUC.
-        accumulator: Collects the counts and histograms; pass a fresh one to read more than
-            the metrics afterwards (e.g. its ROC curve).
+        accumulator: Collects the counts and histograms; pass a fresh one (with the
+            evaluation's threshold) to read more than the metrics afterwards (its ROC curve).
         amp: bf16 autocast on CUDA; False scores in fp32.
 
     Returns:
         Metrics keyed ``prefix/name``.
     """
     device = device or pick_device()
-    acc = accumulator if accumulator is not None else MetricAccumulator()
+    acc = accumulator if accumulator is not None else MetricAccumulator(evaluation.threshold)
     lung_counts: list[Confusion] = []  # legacy lung evaluation, per batch
-    if protocol == "patches":
+    batch_size = evaluation.batch_size
+    if evaluation.protocol == "patches":
         if split.patches is None:
             raise ValueError("protocol 'patches' needs a split with patch coordinates; "
                              "use full-image or sliding-window")
@@ -459,11 +549,10 @@ def evaluate(model: nn.Module, split: Split, protocol: str, prefix: str = "val",
             acc.update(probs, _gather_patches(masks, c, split.patch_size) > 0, valid)
     else:
         # Full images go through in batches; sliding-window batches its windows instead.
-        step = batch_size if protocol == "full-image" else 1
+        step = batch_size if evaluation.protocol == "full-image" else 1
         lung, body_fov = split.extras.get("lung"), split.extras.get("body_fov")
         for i in range(0, len(split.images), step):
-            probs = predict(model, split.images[i:i + step], protocol, window=window,
-                            stride=stride, batch_size=batch_size, device=device, amp=amp)
+            probs = predict(model, split.images[i:i + step], evaluation, device=device, amp=amp)
             valid = torch.from_numpy(split.fov[i:i + step]) > 0 if split.fov is not None else None
             acc.update(probs, torch.from_numpy(split.masks[i:i + step]) > 0, valid)
             if lung is not None and body_fov is not None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mapnet_tune import engine
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError
 from mapnet_tune.metrics import format_header, format_row, legacy_lung_columns
 from mapnet_tune.predict import load_model
-
-#: The published DRIVE protocol's stride, for models that do not record one.
-PUBLISHED_STRIDE = 5
 
 
 def evaluate_model(
@@ -36,48 +35,44 @@ def evaluate_model(
         source: Dataset folder (default: the prepared one).
         split: ``train``, ``val`` or ``test``.
         protocol: ``full-image`` or ``sliding-window``; default the recorded one.
-        stride: Sliding-window stride; default the recorded one, else 5 (published).
+        stride: Sliding-window stride; default the recorded one (the published DRIVE
+            numbers use 5).
         device: torch device; default CUDA when present.
         tracking_uri: The MLflow store for registry URIs.
 
     Raises:
         UserError: Unknown model or split, a model trained on another dataset, or bad data.
     """
-    model, meta, label = load_model(ref, tracking_uri)
-    if meta.get("dataset") not in (None, dataset):
+    model, card, label = load_model(ref, tracking_uri)
+    if card.dataset != dataset:
         raise UserError(
-            f"{label} was trained on '{meta['dataset']}', not '{dataset}'; "
-            f"pass --dataset {meta['dataset']}"
+            f"{label} was trained on '{card.dataset}', not '{dataset}'; "
+            f"pass --dataset {card.dataset}"
         )
-    data = prepare(dataset, source, meta.get("dataset_options", {}))
+    data = prepare(dataset, source, card.dataset_options)
     if split not in data.splits:
         raise UserError(
             f"dataset '{dataset}' has no '{split}' split here (it has "
             f"{', '.join(data.splits)}); pass --split with one of those"
         )
-    protocol = protocol or meta.get("eval_protocol", "full-image")
-    stride = stride or meta.get("eval_stride", PUBLISHED_STRIDE)
+    evaluation = dataclasses.replace(
+        card.evaluation,
+        protocol=protocol or card.evaluation.protocol,
+        stride=stride or card.evaluation.stride,
+    )
     dev = engine.pick_device(device)
     metrics = engine.evaluate(
-        engine.prepare_model(model, dev),
-        data.splits[split],
-        protocol,
-        split,
-        device=dev,
-        stride=stride,
+        engine.prepare_model(model, dev), data.splits[split], evaluation, split, device=dev,
         legacy=True,
-        batch_size=meta.get("eval_batch_size", 64),
-        window=meta.get("eval_window") or meta.get("patch_size") or 64,
     )
-    where = f"stride {stride}" if protocol == "sliding-window" else "whole images"
     lines = [
-        f"{label} on {dataset} {split}: {len(data.splits[split].images)} images, protocol "
-        f"{protocol} ({where}), dataset fingerprint {data.fingerprint}"
+        f"{label} on {dataset} {split}: {len(data.splits[split].images)} images, "
+        f"{evaluation.describe()}, dataset fingerprint {data.fingerprint}"
     ]
-    if meta.get("fingerprint") not in (None, data.fingerprint):
+    if card.fingerprint != data.fingerprint:
         lines.append(
             f"note: the model was trained and scored on dataset fingerprint "
-            f"{meta['fingerprint']}; these files or options differ"
+            f"{card.fingerprint}; these files or options differ"
         )
     legacy_lung = legacy_lung_columns(metrics)
     if not legacy_lung:

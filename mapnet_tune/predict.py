@@ -7,12 +7,12 @@ from guesses about the new images.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -22,13 +22,10 @@ from mapnet_tune import checkpoint, engine
 from mapnet_tune.data import preprocess_images, read_image
 from mapnet_tune.errors import UserError
 from mapnet_tune.model import MAPNet
-
-#: Where retrain-best stores the weights-only checkpoint in a registered version's run.
-CHECKPOINT_ARTIFACT = "checkpoint/mapnet.pt"
-THRESHOLD = 0.5
+from mapnet_tune.modelcard import CHECKPOINT_ARTIFACT, ModelCard
 
 
-def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, dict[str, Any], str]:
+def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, ModelCard, str]:
     """A model from a checkpoint file or a registered ``models:/NAME@ALIAS|VERSION`` URI.
 
     Args:
@@ -36,14 +33,14 @@ def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, dict[
         tracking_uri: The MLflow store holding the registry (see ``tracking``).
 
     Returns:
-        (model in eval mode on the CPU, its recorded metadata, a label for messages).
+        (model in eval mode on the CPU, its model card, a label for messages).
 
     Raises:
         UserError: For an unknown model, alias or version, or one that cannot be loaded.
     """
     if not ref.startswith("models:/"):
-        model, meta = checkpoint.load(ref)
-        return model, meta, ref
+        model, card = checkpoint.load(ref)
+        return model, card, ref
     from mapnet_tune.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
@@ -58,7 +55,7 @@ def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, dict[
                 f"retrain-best`"
             )
         try:
-            model, meta = checkpoint.load(path)
+            model, card = checkpoint.load(path)
         except UserError:
             raise UserError(
                 f"{info.label} cannot be loaded: {CHECKPOINT_ARTIFACT} in run "
@@ -66,7 +63,7 @@ def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, dict[
                 f"register the model again with `mapnet-tune retrain-best "
                 f"--force`"
             ) from None
-    return model, meta, info.label
+    return model, card, info.label
 
 
 def predict_files(
@@ -100,7 +97,7 @@ def predict_files(
 
     Raises:
         UserError: No images, two images with one name, an unreadable image, or a model that
-            cannot be loaded or does not record its preprocessing. Nothing is written then.
+            cannot be loaded. Nothing is written then.
     """
     paths = [Path(p) for p in images]
     if not paths:
@@ -113,15 +110,10 @@ def predict_files(
                 f"predict them into different --out folders"
             )
         seen[path.stem] = path
-    model, meta, label = load_model(ref, tracking_uri)
-    if "settings" not in meta:
-        raise UserError(
-            f"{label} does not record the preprocessing it was trained with, so "
-            f"new images cannot be prepared for it; retrain it with retrain-best"
-        )
+    model, card, label = load_model(ref, tracking_uri)
     raw = [read_image(path) for path in paths]
-    inputs = [preprocess_images(meta["settings"], [image])[0] for image in raw]
-    probs = _predict(model, meta, inputs, tta, batch_size, device)
+    inputs = [preprocess_images(card.preprocessing, [image])[0] for image in raw]
+    probs = _predict(model, card, inputs, tta, batch_size, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for path, image, prob in zip(paths, raw, probs, strict=True):
@@ -131,24 +123,30 @@ def predict_files(
         Image.fromarray(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)).save(
             out / f"{path.stem}_prob.png"
         )
-        mask = (prob >= meta.get("threshold", THRESHOLD)).astype(np.uint8) * 255
+        mask = (prob >= card.evaluation.threshold).astype(np.uint8) * 255
         Image.fromarray(mask).save(out / f"{path.stem}_mask.png")
-    protocol = meta.get("eval_protocol", "full-image")
-    print(f"{label}: protocol {protocol}{', flip TTA' if tta else ''}", file=sys.stderr)
+    print(f"{label}: {card.evaluation.describe()}{', flip TTA' if tta else ''}", file=sys.stderr)
     return f"wrote {len(paths)} probability map(s) and mask(s) to {out}"
 
 
 def _predict(
     model: MAPNet,
-    meta: dict[str, Any],
+    card: ModelCard,
     inputs: list[np.ndarray],
     tta: bool,
     batch_size: int,
     device: str | None,
 ) -> list[np.ndarray]:
-    """(H, W) probabilities per preprocessed (C, H, W) input, batched by size."""
+    """(H, W) probabilities per preprocessed (C, H, W) input, batched by size.
+
+    Full-image models take ``batch_size`` images per pass; sliding-window models take one
+    image at a time and batch their windows as recorded on the card.
+    """
     dev = engine.pick_device(device)
     net = engine.prepare_model(model, dev)
+    evaluation = card.evaluation
+    if evaluation.protocol == "full-image":
+        evaluation = dataclasses.replace(evaluation, batch_size=batch_size)
     by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, x in enumerate(inputs):
         by_size[x.shape].append(index)
@@ -159,10 +157,7 @@ def _predict(
             batch = engine.predict(
                 net,
                 np.stack([inputs[i] for i in chunk]),
-                meta.get("eval_protocol", "full-image"),
-                window=meta.get("patch_size") or 64,
-                stride=meta.get("eval_stride", 16),
-                batch_size=meta.get("eval_batch_size", batch_size),
+                evaluation,
                 device=dev,
                 tta=tta,
             )

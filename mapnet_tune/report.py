@@ -30,9 +30,20 @@ from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from mapnet_tune.errors import UserError  # noqa: E402
 from mapnet_tune.metrics import legacy_lung_columns  # noqa: E402
-from mapnet_tune.retrain import CHALLENGER, CHAMPION, ROC_ARTIFACT  # noqa: E402
+from mapnet_tune.modelcard import (  # noqa: E402
+    CHALLENGER,
+    CHAMPION,
+    ROC_ARTIFACT,
+    model_name,
+    tagged_metrics,
+)
 from mapnet_tune.search import load_existing_study, ranked_trials, trials_table  # noqa: E402
-from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha  # noqa: E402
+from mapnet_tune.tracking import (  # noqa: E402
+    ModelVersionInfo,
+    Tracker,
+    git_sha,
+    store_exists,
+)
 
 #: Columns for datasets without published results.
 DEFAULT_COLUMNS = (
@@ -144,7 +155,7 @@ def write_report(
     dataset = study.user_attrs.get("dataset", "unknown")
     folder = Path(out) if out is not None else Path("reports") / study.study_name
     folder.mkdir(parents=True, exist_ok=True)
-    models = _registered(tracker, f"mapnet-{dataset}")
+    models = _registered(tracker, model_name(dataset))
     notes: list[str] = []
     plots = _study_plots(study, folder, notes)
     champion = next((v for v in models if CHAMPION in v.aliases), None)
@@ -154,6 +165,31 @@ def write_report(
     (folder / "report.md").write_text(text)
     _log(tracker, study, [folder / "report.md", *(folder / p for p in plots)])
     return text + f"\n\nwrote {folder / 'report.md'} and {len(plots)} plot(s) to {folder}"
+
+
+def registered_summary(dataset: str, tracking_uri: str | None) -> str:
+    """Every registered version of a dataset's model: aliases, how it was chosen, its test.
+
+    Empty when there is no tracking store here yet or nothing is registered.
+    """
+    if not store_exists(tracking_uri):
+        return ""
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    versions = tracker.versions(model_name(dataset))
+    if not versions:
+        return ""
+    lines = [f"registered {model_name(dataset)} (decided on validation; test scored once):"]
+    for v in versions:
+        metrics = tagged_metrics(v.tags)
+        chosen = v.tags.get("selection_metric", "?")
+        test = {k: x for k, x in metrics.items() if k.startswith("test/") and k.count("/") == 1}
+        shown = f"test/iou {test['test/iou']:.4f}" if "test/iou" in test else "no test"
+        lines.append(
+            f"  {v.label}: trial {v.tags.get('trial', '?')}, recipe {v.tags.get('recipe', '?')}, "
+            f"{chosen} {metrics.get(chosen, math.nan):.4f}, {shown}"
+        )
+    return "\n".join(lines)
 
 
 def _registered(tracker: Tracker, name: str) -> list[ModelVersionInfo]:
@@ -188,8 +224,8 @@ def _roc_plot(tracker: Tracker, champion: ModelVersionInfo, path: Path, notes: l
         local = tracker.download(champion.run_id, ROC_ARTIFACT, tmp)
         if local is None:
             notes.append(
-                f"no ROC curve: {champion.label} has no held-out predictions logged "
-                f"(selected by cross-validation, or registered by another tool)"
+                f"no ROC curve: {champion.label} has no test predictions logged "
+                f"(the dataset has no test split, or another tool registered it)"
             )
             return False
         roc = json.loads(local.read_text())
@@ -226,16 +262,16 @@ def _markdown(
             f"--study {study.study_name}`.",
             "",
         ]
-    splits = {v.tags.get("selection_metric", "test/iou").split("/")[0] for v in models}
-    split = "test" if splits <= {"test"} else "val"
+    split = "test" if all(v.tags.get("test_scored") == "yes" for v in models) else "val"
     title = table.title if table else f"{dataset} (no published results ship for it)"
     lines += [f"## Registered models and published results: {title}", ""]
-    ours = [_row_metrics(v, dataset) for v in models]
+    ours = [_row_metrics(v, dataset, split) for v in models]
     lines += [comparison_table(table, ours, split), ""]
     if split == "val":
         lines += [
-            "Our rows are on the validation split: the dataset had no test split, so "
-            "they are not comparable with published test numbers.",
+            "Our rows are validation numbers (cross-validated means where the model was "
+            "chosen by cross-validation): the dataset had no test split, so they are not "
+            "comparable with published test numbers.",
             "",
         ]
     lines += [f"- {c}" for c in (table.caveats if table else ())]
@@ -246,14 +282,23 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
-def _row_metrics(version: ModelVersionInfo, dataset: str) -> tuple[str, dict[str, float]]:
-    """(label, metrics) of a registered version's row under the published table.
+def _row_metrics(
+    version: ModelVersionInfo, dataset: str, split: str
+) -> tuple[str, dict[str, float]]:
+    """(label, metrics keyed ``split/name``) of a registered version's row.
+
+    Test rows are the single test score stored with the version. Validation rows use the
+    val split's numbers, or the cross-validated means for a model chosen by folds.
 
     A lung model trained on ``bcdu-outside`` predicts FOV and not lung, so its own metrics do
     not belong under the lung headers: its row shows the published evaluation of it instead
     (``legacy_lung_*``, estimated lung = FOV and not the prediction), labelled as leaking
     ground truth. Every other model shows its own (honest) metrics.
     """
+    metrics = tagged_metrics(version.tags)
+    for key, value in list(metrics.items()):
+        if key.startswith("cv/") and key.endswith("_mean"):
+            metrics.setdefault(key.removeprefix("cv/").removesuffix("_mean"), value)
     try:
         options = json.loads(version.tags.get("dataset.options") or "{}")
     except ValueError:
@@ -261,31 +306,21 @@ def _row_metrics(version: ModelVersionInfo, dataset: str) -> tuple[str, dict[str
     # Options are recorded as given, and option values parse case-insensitively.
     target = str(options.get("target", "")).lower() if isinstance(options, dict) else ""
     if dataset != "lung" or target != "bcdu-outside":
-        return _label(version), _metrics(version)
+        return _label(version), metrics
     return (
         f"{_label(version)}; legacy lung evaluation, leaks ground truth",
-        legacy_lung_columns(_metrics(version)),
+        legacy_lung_columns(metrics),
     )
-
-
-def _metrics(version: ModelVersionInfo) -> dict[str, float]:
-    return {
-        k.removeprefix("metric."): float(v)
-        for k, v in version.tags.items()
-        if k.startswith("metric.")
-    }
 
 
 def _label(version: ModelVersionInfo) -> str:
     tags = version.tags
-    how = tags.get("eval_protocol", "?")
-    if how == "sliding-window":
-        how += f" {tags.get('eval_window', '?')} px, stride {tags.get('eval_stride', '?')}"
     return (
         f"MAP-Net, mapnet-tune: {version.name} v{version.version} "
         f"@{', @'.join(version.aliases)} (study {tags.get('study', '?')}, trial "
-        f"{tags.get('trial', '?')}; trained on {tags.get('train_resolution', '?')}, "
-        f"{how})"
+        f"{tags.get('trial', '?')}, recipe {tags.get('recipe', '?')}; trained on "
+        f"{tags.get('train_resolution', '?')}, {tags.get('evaluation', '?')}; chosen by "
+        f"{tags.get('selection_metric', '?')})"
     )
 
 

@@ -1,13 +1,17 @@
-"""retrain-best: from a finished study to a registered, usable model.
+"""retrain-best: from a finished study to a registered model whose numbers can be trusted.
 
-The top trials of a study are retrained at the resolution the model will be used at (the
-study file's ``retrain`` section), on train + val, and scored on the test split with the
-dataset's protocol. Each becomes a version of the registered model ``mapnet-<dataset>``; the
-newest is the ``challenger`` and the ``champion`` alias moves only to a version that beats it.
+The top trials of a study, each with one or more retrain recipes (the study file's
+``retrain`` section), are the candidates. Every decision uses validation only:
 
-Without a test split, nothing held out would remain once validation joins training, so a
-configuration is then trained on the training split alone and selected on validation, unless
-``--folds`` estimates it by cross-validation over train + val instead.
+- With ``folds`` K >= 2 (a study file's ``retrain.folds``, or ``--folds``), each candidate is
+  cross-validated over train + val with scikit-learn's seeded, shuffled ``KFold``; every fold
+  trains with exactly the recipe of the registered model, so the mean estimates that model.
+  The best mean is retrained on all of train + val and registered.
+- With ``--folds 0``, each candidate trains on train and is scored on val; each is registered.
+
+The registered version then becomes the ``challenger``; the ``champion`` alias moves only to a
+version with a better validation value. Test is scored once per registered version, after all
+of that, and stored with it for the report: it never enters a decision.
 """
 
 from __future__ import annotations
@@ -18,46 +22,50 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import torch
+from sklearn.model_selection import KFold
 
 from mapnet_tune import checkpoint, engine
-from mapnet_tune.config import StudyConfig, check_channels, load_study
+from mapnet_tune.config import DEFAULT_RECIPE, StudyConfig, check_channels, load_study
 from mapnet_tune.data import PreparedDataset, Split, prepare
-from mapnet_tune.data.augment import augmentation_for
 from mapnet_tune.data.splits import concat, take
 from mapnet_tune.errors import UserError
 from mapnet_tune.metrics import MetricAccumulator
-from mapnet_tune.predict import CHECKPOINT_ARTIFACT, THRESHOLD
-from mapnet_tune.search import (
-    build_model,
-    load_existing_study,
-    params_for_log,
-    ranked_trials,
-    trial_params,
-    trial_seed,
+from mapnet_tune.modelcard import (
+    CHALLENGER,
+    CHAMPION,
+    CHECKPOINT_ARTIFACT,
+    ROC_ARTIFACT,
+    ModelCard,
+    model_name,
+    tagged_metrics,
 )
+from mapnet_tune.recipe import Retraining, build_model, describe_training, suggest, trial_seed
+from mapnet_tune.search import load_existing_study, params_for_log, ranked_trials
 from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-ROC_ARTIFACT = "evaluation/roc.json"
 EXAMPLE_SIDE = 64
 
 
 @dataclass(frozen=True)
 class RetrainRequest:
-    """What one ``mapnet-tune retrain-best`` needs."""
+    """What one ``mapnet-tune retrain-best`` needs.
+
+    ``folds`` None takes the study file's ``retrain.folds``; ``recipes`` None takes its
+    default recipe only.
+    """
 
     study_name: str | None = None
     storage: str | None = None
     tracking_uri: str | None = None
     top_k: int = 3
     folds: int | None = None
+    recipes: tuple[str, ...] | None = None
     force: bool = False
     config: Path | None = None
     source: str | None = None
@@ -66,19 +74,20 @@ class RetrainRequest:
 
 @dataclass
 class Candidate:
-    """One trial's configuration as it is retrained."""
+    """One trial retrained with one recipe, and what validation said about it."""
 
     trial: optuna.trial.FrozenTrial
-    params: dict[str, Any]
-    seed: int
-    batch_size: int
+    retraining: Retraining
+    data: PreparedDataset
     run_id: str = ""
-    cv: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    model: torch.nn.Module | None = None
 
     @property
     def tag(self) -> str:
-        """``t0007``."""
-        return f"t{self.trial.number:04d}"
+        """``t0007``, or ``t0007-crop256`` for a recipe other than the default."""
+        name = self.retraining.name
+        return f"t{self.trial.number:04d}" + ("" if name == DEFAULT_RECIPE else f"-{name}")
 
 
 @dataclass
@@ -87,55 +96,42 @@ class Plan:
 
     study: optuna.Study
     config: StudyConfig
-    data: PreparedDataset
-    options: dict[str, Any]
     candidates: list[Candidate]
     skipped: list[str]
-    model_name: str
-    folds: list[np.ndarray] | None
+    folds: int
     request: RetrainRequest
 
     @property
-    def has_test(self) -> bool:
-        """Whether the prepared dataset has a test split."""
-        return "test" in self.data.splits
-
-    @cached_property
-    def merged(self) -> Split:
-        """Train + val, for the final model (with a test split) and the folds."""
-        return concat([self.data.splits["train"], self.data.splits["val"]])
+    def model_name(self) -> str:
+        """``mapnet-<dataset>``."""
+        return model_name(self.config.dataset.name)
 
     @property
     def selection(self) -> str:
-        """The objective metric on the split the champion is chosen by: test when present."""
-        name = self.config.objective.metric.split("/", 1)[1]
-        return f"{'test' if self.has_test else 'val'}/{name}"
+        """The validation metric that decides: ``cv/val/iou_mean``, or ``val/iou``."""
+        metric = self.config.objective.metric
+        return f"cv/{metric}_mean" if self.folds else metric
 
     @property
     def maximize(self) -> bool:
         """Whether larger selection values are better."""
         return self.config.objective.direction == "maximize"
 
-    @property
-    def window(self) -> int:
-        """The sliding window: the training patch side (64 when training on whole images)."""
-        return self.data.splits["train"].patch_size or 64
-
 
 def retrain_best(req: RetrainRequest) -> str:
-    """Retrain the top trials of a study, score them and register them with aliases.
+    """Validate the top trials' recipes, register the chosen models, score them on test once.
 
     Args:
-        req: The study, how many trials, cross-validation folds, and whether to retrain
-            trials that are registered already.
+        req: The study, how many trials, the folds and recipes, and whether to retrain trials
+            that are registered already.
 
     Returns:
-        The summary for the user: notes, skipped trials, the champion decisions and a table.
+        The summary for the user: notes, skipped trials, the decisions and a table.
 
     Raises:
         UserError: An unknown or empty study, a study without completed trials, a study file
-            that does not match the study, or data that cannot be prepared. Nothing is
-            created in MLflow in those cases.
+            that does not match the study, an unknown recipe, or data that cannot be prepared.
+            Nothing is created in MLflow in those cases.
     """
     tracker = Tracker(req.tracking_uri)
     tracker.check_reachable()
@@ -143,9 +139,7 @@ def retrain_best(req: RetrainRequest) -> str:
     if not chosen:
         return "\n".join([*skipped, "nothing to retrain"])
     plan = make_plan(req, study, config, chosen, skipped)
-    lines = list(plan.skipped)
-    if not plan.has_test:
-        lines.append(_no_test_note(plan))
+    lines = [*plan.skipped, _selection_note(plan)]
     for line in lines:
         _say(line)
     lines += Runner(plan, tracker).run()
@@ -175,7 +169,7 @@ def _choose_trials(
     config = _study_config(study, req.config)
     registered = {
         (v.tags.get("study"), v.tags.get("trial")): v
-        for v in tracker.versions(f"mapnet-{config.dataset.name}")
+        for v in tracker.versions(model_name(config.dataset.name))
     }
     chosen, skipped = [], []
     for trial in trials[: req.top_k]:
@@ -187,7 +181,8 @@ def _choose_trials(
             )
         else:
             chosen.append(trial)
-    if req.folds is not None and skipped and chosen:
+    folds = _fold_count(req, config)
+    if folds and skipped and chosen:
         # With folds the top trials compete as a group and only the winner is registered, so
         # a registered member means this group was decided already.
         skipped.append(
@@ -199,6 +194,10 @@ def _choose_trials(
     return study, config, chosen, skipped
 
 
+def _fold_count(req: RetrainRequest, config: StudyConfig) -> int:
+    return config.retrain.folds if req.folds is None else req.folds
+
+
 def make_plan(
     req: RetrainRequest,
     study: optuna.Study,
@@ -206,35 +205,88 @@ def make_plan(
     trials: list[optuna.trial.FrozenTrial],
     skipped: list[str],
 ) -> Plan:
-    """Prepare the retraining data and check every trial against it; create nothing.
+    """Prepare each recipe's data and check every candidate against it; create nothing.
 
     Raises:
-        UserError: Data that cannot be prepared, bad ``--folds``, or a batch too large.
+        UserError: An unknown recipe, data that cannot be prepared, bad ``--folds``, a crop
+            recipe on whole images, or a batch larger than the training samples.
     """
-    options = {**config.dataset.options, **config.retrain.dataset_options}
-    try:
-        data = prepare(config.dataset.name, req.source or config.dataset.source, options)
-    except UserError as exc:
+    names = req.recipes or (DEFAULT_RECIPE,)
+    unknown = [n for n in names if n not in config.retrain.recipes]
+    if unknown:
         raise UserError(
-            f"{exc} (retraining data of {config.path}: dataset.options with "
-            f"retrain.dataset_options over them)"
-        ) from None
-    check_channels(config, data.channels)
-    plan = Plan(
-        study=study,
-        config=config,
-        data=data,
-        options=options,
-        candidates=[],
-        skipped=skipped,
-        model_name=f"mapnet-{config.dataset.name}",
-        folds=None,
-        request=req,
-    )
-    if req.folds is not None:
-        plan.folds = _folds(len(plan.merged.images), req.folds, config.sampler.seed)
-    plan.candidates = [_candidate(plan, trial) for trial in trials]
+            f"--recipe {unknown[0]} is not a recipe of {config.path}; its recipes: "
+            f"{', '.join(config.retrain.recipes)} (add variants under retrain.variants)"
+        )
+    plan = Plan(study, config, [], skipped, _fold_count(req, config), req)
+    for name in dict.fromkeys(names):
+        recipe = config.retrain.recipes[name]
+        options = {**config.dataset.options, **recipe.dataset_options}
+        where = "retrain" if name == DEFAULT_RECIPE else f"retrain.variants.{name}"
+        try:
+            data = prepare(config.dataset.name, req.source or config.dataset.source, options)
+        except UserError as exc:
+            raise UserError(
+                f"{exc} (retraining data of {config.path}: dataset.options with "
+                f"{where}.dataset_options over them)"
+            ) from None
+        check_channels(config, data.channels)
+        for trial in trials:
+            params = suggest(optuna.trial.FixedTrial(trial.params), config)
+            retraining = Retraining(
+                config, name, recipe, params, trial_seed(config.sampler.seed, trial.number)
+            )
+            plan.candidates.append(Candidate(trial, retraining, data))
+    for cand in plan.candidates:
+        _check(plan, cand)
     return plan
+
+
+def _check(plan: Plan, cand: Candidate) -> None:
+    """The candidate's recipe fits its data: crops exist, folds fit, batches fit."""
+    data, rt = cand.data, cand.retraining
+    try:
+        final = rt.training_view(_final_train(plan, data))
+    except ValueError as exc:
+        raise UserError(f"{exc} ({plan.config.path})") from None
+    trainings = [final]
+    if plan.folds:
+        merged = _merged(data)
+        count = len(merged.images)
+        if not 2 <= plan.folds <= count:
+            raise UserError(
+                f"--folds {plan.folds} needs between 2 and {count} folds: train + val has "
+                f"{count} images (--folds 0 decides on the val split)"
+            )
+        trainings += [rt.training_view(take(merged, rest)) for rest, _ in _kfold(plan, merged)]
+    fewest = min(_samples(split) for split in trainings)
+    if rt.batch_size > fewest:
+        raise UserError(
+            f"trial {cand.trial.number}'s batch size {rt.params['batch_size']} x "
+            f"batch_scale {rt.recipe.batch_scale:g} of recipe '{rt.name}' = {rt.batch_size} is "
+            f"more than the {fewest} training samples available; lower the batch_scale in "
+            f"{plan.config.path} or use fewer --folds"
+        )
+
+
+def _merged(data: PreparedDataset) -> Split:
+    """Train + val: what cross-validation folds, and what a model with folds trains on."""
+    return concat([data.splits["train"], data.splits["val"]])
+
+
+def _final_train(plan: Plan, data: PreparedDataset) -> Split:
+    """Train + val after cross-validation; train alone when val decides."""
+    return _merged(data) if plan.folds else data.splits["train"]
+
+
+def _kfold(plan: Plan, merged: Split) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training images, held-out images) per fold: seeded, shuffled, the same for everyone."""
+    kfold = KFold(n_splits=plan.folds, shuffle=True, random_state=plan.config.sampler.seed)
+    return list(kfold.split(np.arange(len(merged.images))))
+
+
+def _samples(split: Split) -> int:
+    return len(split.patches) if split.patches is not None else len(split.images)
 
 
 def _study_config(study: optuna.Study, path: Path | None) -> StudyConfig:
@@ -260,70 +312,20 @@ def _study_config(study: optuna.Study, path: Path | None) -> StudyConfig:
     return config
 
 
-def _folds(count: int, k: int, seed: int) -> list[np.ndarray]:
-    """``k`` disjoint, seeded, nearly equal sets of image indices covering ``range(count)``."""
-    if not 2 <= k <= count:
-        raise UserError(
-            f"--folds {k} needs between 2 and {count} folds: train + val has {count} images"
-        )
-    order = np.random.default_rng(seed).permutation(count)
-    return [np.sort(part) for part in np.array_split(order, k)]
-
-
-def _rest(split: Split, fold: np.ndarray) -> np.ndarray:
-    """The image indices of ``split`` outside ``fold``: a fold's training images."""
-    return np.setdiff1d(np.arange(len(split.images)), fold)
-
-
-def _samples(split: Split, images: np.ndarray) -> int:
-    """Training samples (patches, else whole images) among the given images of a split."""
-    if split.patches is None:
-        return len(images)
-    return int(np.isin(split.patches[:, 0], images).sum())
-
-
-def _candidate(plan: Plan, trial: optuna.trial.FrozenTrial) -> Candidate:
-    """The trial's full parameters and retraining batch size, checked against the data."""
-    config = plan.config
-    params = trial_params(optuna.trial.FixedTrial(trial.params), config, trial.user_attrs)
-    batch = max(1, round(int(params["batch_size"]) * config.retrain.batch_scale))
-    final = _final_train(plan)
-    counts = [_samples(final, np.arange(len(final.images)))]
-    counts += [_samples(plan.merged, _rest(plan.merged, fold)) for fold in plan.folds or []]
-    fewest = min(counts)
-    if batch > fewest:
-        raise UserError(
-            f"trial {trial.number}'s batch size {params['batch_size']} x "
-            f"retrain.batch_scale {config.retrain.batch_scale:g} = {batch} is more "
-            f"than the {fewest} training samples available; lower "
-            f"retrain.batch_scale in {config.path} or use fewer --folds"
-        )
-    return Candidate(
-        trial=trial,
-        params=params,
-        batch_size=batch,
-        seed=trial_seed(config.sampler.seed, trial.number),
-    )
-
-
-def _final_train(plan: Plan) -> Split:
-    """Train + val, except without a test split and folds, where val must stay held out."""
-    if plan.has_test or plan.folds is not None:
-        return plan.merged
-    return plan.data.splits["train"]
-
-
-def _no_test_note(plan: Plan) -> str:
+def _selection_note(plan: Plan) -> str:
     how = (
-        f"the {len(plan.folds)}-fold cross-validated mean over train + val"
-        if plan.folds is not None
+        f"the {plan.folds}-fold cross-validated mean over train + val, each fold trained "
+        f"with the recipe of the registered model"
+        if plan.folds
         else "the val split, with models trained on train only"
     )
-    return (
-        f"note: dataset {plan.data.name} has no test split here (fingerprint "
-        f"{plan.data.fingerprint}); models are selected on {plan.selection} from {how}, "
-        f"and no test numbers are reported"
+    has_test = all("test" in c.data.splits for c in plan.candidates)
+    test = (
+        "test is scored once per registered model, after every decision"
+        if has_test
+        else "the dataset has no test split here, so no test numbers are reported"
     )
+    return f"note: candidates and the champion are decided on {plan.selection} from {how}; {test}"
 
 
 def _say(text: str) -> None:
@@ -331,7 +333,7 @@ def _say(text: str) -> None:
 
 
 class Runner:
-    """Creates the runs, trains, scores and registers; every run ends with its true status."""
+    """Creates the runs, validates, trains, registers and scores; every run ends truthfully."""
 
     def __init__(self, plan: Plan, tracker: Tracker) -> None:
         self.plan, self.tracker = plan, tracker
@@ -341,21 +343,22 @@ class Runner:
         self.running: list[str] = []
 
     def run(self) -> list[str]:
-        """Retrain every candidate (or the cross-validation winner) and register it.
+        """Validate every candidate, register the chosen ones, score them on test.
 
         Returns:
-            Summary lines: champion decisions and the table of new versions.
+            Summary lines: the validation table, champion decisions, the registered versions.
         """
         plan = self.plan
         self.experiment_id = self.tracker.experiment(plan.study.study_name)
-        self.parent = self._start(f"{plan.data.name}-retrain", self._tags("retrain"))
+        self.parent = self._start(f"{plan.config.dataset.name}-retrain", self._tags("retrain"))
         self.tracker.log_params(
             self.parent,
             {
-                **self._settings(),
                 "top_k": plan.request.top_k,
                 "force": plan.request.force,
-                "trials": ",".join(c.tag for c in plan.candidates),
+                "folds": plan.folds,
+                "selection": plan.selection,
+                "candidates": ",".join(c.tag for c in plan.candidates),
             },
         )
         try:
@@ -382,33 +385,42 @@ class Runner:
         tags = {
             "optuna.study": self.plan.study.study_name,
             "mapnet_tune.role": role,
-            "dataset.fingerprint": self.plan.data.fingerprint,
             "git.sha": git_sha(),
         }
         if cand is not None:
-            tags["optuna.trial"] = str(cand.trial.number)
+            tags.update(
+                {
+                    "optuna.trial": str(cand.trial.number),
+                    "mapnet_tune.recipe": cand.retraining.name,
+                    "dataset.fingerprint": cand.data.fingerprint,
+                }
+            )
         return tags
 
-    def _settings(self) -> dict[str, Any]:
-        plan, rt = self.plan, self.plan.config.retrain
+    def _recipe_params(self, cand: Candidate) -> dict[str, Any]:
+        rt, train = cand.retraining, cand.data.splits["train"]
+        recipe = rt.recipe
         return {
-            "retrain.epochs": rt.epochs,
-            "retrain.batch_scale": rt.batch_scale,
-            "retrain.eval_protocol": rt.eval_protocol,
-            "retrain.eval_stride": rt.eval_stride,
-            "retrain.eval_window": plan.window,
-            "retrain.folds": len(plan.folds or []),
-            "retrain.selection": plan.selection,
-            "retrain.train_resolution": _resolution(_final_train(plan)),
-            "retrain.has_test": plan.has_test,
-            **{f"dataset.{k}": v for k, v in sorted(plan.options.items())},
+            "recipe": rt.name,
+            "recipe.epochs": recipe.epochs,
+            "recipe.resolution": recipe.resolution,
+            "recipe.batch_scale": recipe.batch_scale,
+            "recipe.val_every": recipe.val_every,
+            "recipe.evaluation": rt.evaluation(rt.training_view(train)).describe(),
+            "recipe.training": describe_training(rt.training_view(train)),
+            "folds": self.plan.folds,
+            "selection": self.plan.selection,
+            "seed": rt.seed,
+            "batch_size": rt.batch_size,
+            "device": str(self.device),
+            **{f"dataset.{k}": v for k, v in sorted(cand.data.settings.items()) if k != "notes"},
         }
 
     def _run_candidates(self) -> list[str]:
         plan = self.plan
         for cand in plan.candidates:
             cand.run_id = self._start(
-                f"{plan.data.name}-retrain-{cand.tag}",
+                f"{plan.config.dataset.name}-retrain-{cand.tag}",
                 {
                     **self._tags("retrain-trial", cand),
                     "mapnet_tune.search_run": cand.trial.user_attrs.get("mlflow_run_id", ""),
@@ -416,224 +428,233 @@ class Runner:
                 self.parent,
             )
             self.tracker.log_params(
-                cand.run_id,
-                {
-                    **params_for_log(cand.params),
-                    **self._settings(),
-                    "seed": cand.seed,
-                    "batch_size": cand.batch_size,
-                    "device": str(self.device),
-                },
+                cand.run_id, {**params_for_log(cand.retraining.params), **self._recipe_params(cand)}
             )
-        chosen = plan.candidates
-        lines = []
-        if plan.folds is not None:
-            for cand in plan.candidates:
+        for cand in plan.candidates:
+            if plan.folds:
                 self._cross_validate(cand)
-            key = f"cv/{plan.config.objective.metric}_mean"
-            chosen = [_best(plan.candidates, key, plan.maximize)]
-            lines.append(self._cv_table(chosen[0], key))
+            else:
+                self._validate_on_val(cand)
+        lines = [self._validation_table()]
+        chosen = plan.candidates
+        if plan.folds:
+            chosen = [_best(plan.candidates, plan.selection, plan.maximize)]
+            lines.append(f"chosen by {plan.selection}: {chosen[0].tag}")
             for cand in plan.candidates:
                 if cand is not chosen[0]:
-                    self._finish(cand.run_id, f"not registered: {chosen[0].tag} has the best {key}")
+                    self._finish(
+                        cand.run_id,
+                        f"not registered: {chosen[0].tag} has the best {plan.selection}",
+                    )
         rows = []
         for cand in chosen:
-            version, decision, value = self._final(cand)
+            version, decision, card = self._final(cand)
             self._finish(cand.run_id)
             lines.append(
                 f"{cand.tag} registered as {plan.model_name} version {version}: {decision}"
             )
-            rows.append((cand, version, value))
+            rows.append((cand, version, card))
         return [*lines, "", self._table(rows)]
 
-    def _train(self, cand: Candidate, train: Split, run_id: str, label: str) -> torch.nn.Module:
-        """A fresh model trained on ``train`` for the retrain epochs; the final weights."""
-        config = self.plan.config
-        torch.manual_seed(cand.seed)
-        model = build_model(config, self.plan.data.channels)
-        settings = engine.TrainSettings(
-            epochs=config.retrain.epochs,
-            batch_size=cand.batch_size,
-            lr=cand.params["lr"],
-            pos_weight=cand.params["pos_weight"],
-            seed=cand.seed,
-        )
+    def _train(
+        self, cand: Candidate, train: Split, val: Split | None, run_id: str, label: str
+    ) -> tuple[torch.nn.Module, dict[str, float]]:
+        """A fresh model trained with the candidate's recipe, holding the final weights.
 
-        def on_epoch(epoch: int, metrics: dict[str, float], _: torch.nn.Module,
-                     __: bool) -> None:
+        With ``val``, the held-out images are scored every ``val_every`` epochs and after
+        the last, and logged as the run's validation curve.
+
+        Returns:
+            (the model, the ``val/*`` metrics of its final weights; empty without ``val``).
+        """
+        rt = cand.retraining
+        train = rt.training_view(train)
+        settings = rt.settings(train)
+        torch.manual_seed(rt.seed)
+        model = build_model(self.plan.config, cand.data.channels)
+
+        def on_epoch(epoch: int, metrics: dict[str, float], _: torch.nn.Module, __: bool) -> None:
             self.tracker.log_metrics(run_id, metrics, step=epoch)
-            _say(f"{label} epoch {epoch + 1}/{settings.epochs} loss {metrics['train/loss']:.4f}")
+            key = self.plan.config.objective.metric
+            shown = f" {key} {metrics[key]:.4f}" if key in metrics else ""
+            loss = metrics["train/loss"]
+            _say(f"{label} epoch {epoch + 1}/{settings.epochs} loss {loss:.4f}{shown}")
 
-        engine.fit(
+        result = engine.fit(
             model,
             train,
-            None,
+            val,
             settings,
-            augment=augmentation_for(cand.params, self.plan.data.channels, cand.seed,
-                                     self.device),
+            augment=rt.augmentation(cand.data.channels, self.device),
             on_epoch=on_epoch,
             device=self.device,
         )
-        return model
+        # The last epoch is always validated: its numbers are those of the weights kept.
+        final = result.history[-1] if result.history else {}
+        return model, {k: v for k, v in final.items() if k.startswith("val/")}
+
+    def _cross_validate(self, cand: Candidate) -> None:
+        """Train on all folds but one with the recipe, score the one left out; log each."""
+        plan = self.plan
+        merged = _merged(cand.data)
+        scores: list[dict[str, float]] = []
+        folds = _kfold(plan, merged)
+        for index, (rest, held) in enumerate(folds):
+            run_id = self._start(
+                f"{plan.config.dataset.name}-retrain-{cand.tag}-fold{index + 1}",
+                {**self._tags("retrain-fold", cand), "mapnet_tune.fold": str(index + 1)},
+                cand.run_id,
+            )
+            self.tracker.log_params(run_id, {"held_out": ",".join(merged.names[i] for i in held)})
+            held_out = take(merged, held)
+            _, metrics = self._train(
+                cand,
+                take(merged, rest),
+                held_out,
+                run_id,
+                f"{cand.tag} fold {index + 1}/{len(folds)}",
+            )
+            self._finish(run_id)
+            scores.append(metrics)
+        for key in scores[0]:
+            values = np.array([s[key] for s in scores], dtype=float)
+            cand.validation[f"cv/{key}_mean"] = float(np.mean(values))
+            cand.validation[f"cv/{key}_std"] = float(np.std(values))
+        self.tracker.log_metrics(cand.run_id, cand.validation, step=cand.retraining.recipe.epochs)
+        key = plan.config.objective.metric
+        _say(
+            f"{cand.tag} {len(scores)}-fold {key} {cand.validation[f'cv/{key}_mean']:.4f} "
+            f"+- {cand.validation[f'cv/{key}_std']:.4f}"
+        )
+
+    def _validate_on_val(self, cand: Candidate) -> None:
+        """Train on train with the recipe and score val: the model that may be registered."""
+        val = cand.data.splits["val"]
+        cand.model, cand.validation = self._train(
+            cand, cand.data.splits["train"], val, cand.run_id, cand.tag
+        )
+        _say(f"{cand.tag} {self.plan.selection} {cand.validation[self.plan.selection]:.4f}")
 
     def _score(
         self,
+        cand: Candidate,
         model: torch.nn.Module,
         split: Split,
         prefix: str,
         accumulator: MetricAccumulator | None = None,
     ) -> dict[str, float]:
-        rt = self.plan.config.retrain
+        """The recipe's evaluation of ``split``, with the published legacy columns."""
+        rt = cand.retraining
+        evaluation = rt.evaluation(rt.training_view(cand.data.splits["train"]))
         return engine.evaluate(
             model,
             split,
-            rt.eval_protocol,
+            evaluation,
             prefix,
             device=self.device,
-            stride=rt.eval_stride,
-            batch_size=rt.eval_batch_size,
             legacy=True,
-            window=self.plan.window,
             accumulator=accumulator,
         )
 
-    def _cross_validate(self, cand: Candidate) -> None:
-        """Train on all folds but one, score the one left out; log each fold and the summary."""
+    def _validation_table(self) -> str:
         plan = self.plan
-        merged = plan.merged
-        scores: list[dict[str, float]] = []
-        for index, fold in enumerate(plan.folds or []):
-            name = f"{plan.data.name}-retrain-{cand.tag}-fold{index + 1}"
-            run_id = self._start(
-                name,
-                {**self._tags("retrain-fold", cand), "mapnet_tune.fold": str(index + 1)},
-                cand.run_id,
+        std = plan.selection.removesuffix("_mean") + "_std"
+        rows = []
+        for c in plan.candidates:
+            value = c.validation.get(plan.selection, math.nan)
+            spread = f" +- {c.validation[std]:.4f}" if std in c.validation else ""
+            rows.append(f"{c.tag}: {plan.selection} {value:.4f}{spread}")
+        return "\n".join(rows)
+
+    def _final(self, cand: Candidate) -> tuple[str, str, ModelCard]:
+        """The registered model: trained (after CV), registered, gated, then scored on test."""
+        plan = self.plan
+        if cand.model is None:
+            cand.model, _ = self._train(
+                cand, _final_train(plan, cand.data), None, cand.run_id, f"{cand.tag} final"
             )
-            self.tracker.log_params(run_id, {"held_out": ",".join(merged.names[i] for i in fold)})
-            model = self._train(
-                cand,
-                take(merged, _rest(merged, fold)),
-                run_id,
-                f"{cand.tag} fold {index + 1}/{len(plan.folds)}",
+        card = self._card(cand)
+        version, decision = self._register(cand, card)
+        test = cand.data.splits.get("test")
+        if test is not None:
+            # After every decision: the one look at test, stored with the version.
+            accumulator = MetricAccumulator(card.evaluation.threshold)
+            metrics = self._score(cand, cand.model, test, "test", accumulator)
+            card = card.with_test(metrics)
+            self._log_checkpoint(cand.run_id, engine.clone_model(cand.model).eval(), card)
+            self.tracker.log_metrics(cand.run_id, metrics, step=cand.retraining.recipe.epochs)
+            self._log_roc(cand.run_id, accumulator, metrics, "test")
+            self.tracker.set_version_tags(plan.model_name, version, card.tags())
+            self.tracker.set_version_description(
+                plan.model_name, version, card.markdown(_predict_command(plan, version))
             )
-            metrics = self._score(model, take(merged, fold), "val")
-            self.tracker.log_metrics(run_id, metrics, step=plan.config.retrain.epochs)
-            self._finish(run_id)
-            scores.append(metrics)
-        for key in scores[0]:
-            values = np.array([s[key] for s in scores], dtype=float)
-            cand.cv[f"cv/{key}_mean"] = float(np.mean(values))
-            cand.cv[f"cv/{key}_std"] = float(np.std(values))
-        self.tracker.log_metrics(cand.run_id, cand.cv, step=plan.config.retrain.epochs)
-        key = plan.config.objective.metric
-        _say(
-            f"{cand.tag} {len(scores)}-fold {key} {cand.cv[f'cv/{key}_mean']:.4f} "
-            f"+- {cand.cv[f'cv/{key}_std']:.4f}"
+            key = _test_key(plan)
+            _say(
+                f"{cand.tag} {key} {metrics.get(key, math.nan):.4f} (scored once, decides nothing)"
+            )
+        return version, decision, card
+
+    def _log_roc(
+        self, run_id: str, accumulator: MetricAccumulator, metrics: dict[str, float], split: str
+    ) -> None:
+        fpr, tpr = accumulator.roc()
+        payload = {
+            "split": split,
+            "auc": metrics[f"{split}/auc"],
+            "fpr": fpr.tolist(),
+            "tpr": tpr.tolist(),
+        }
+        self.tracker.log_text(run_id, json.dumps(payload), ROC_ARTIFACT)
+
+    def _card(self, cand: Candidate) -> ModelCard:
+        plan, rt = self.plan, cand.retraining
+        train = rt.training_view(_final_train(plan, cand.data))
+        return ModelCard(
+            dataset=cand.data.name,
+            fingerprint=cand.data.fingerprint,
+            dataset_options={**plan.config.dataset.options, **rt.recipe.dataset_options},
+            preprocessing=cand.data.settings,
+            study=plan.study.study_name,
+            trial=cand.trial.number,
+            recipe=rt.name,
+            params=rt.params,
+            batch_size=rt.batch_size,
+            epochs=rt.recipe.epochs,
+            training=describe_training(train),
+            trained_on="train+val" if plan.folds else "train",
+            weights=rt.weights,
+            evaluation=rt.evaluation(train),
+            selection_metric=plan.selection,
+            selection_value=cand.validation.get(plan.selection, math.nan),
+            validation={k: v for k, v in cand.validation.items() if math.isfinite(v)},
+            folds=plan.folds,
+            git_sha=git_sha(),
         )
 
-    def _cv_table(self, chosen: Candidate, key: str) -> str:
-        std = key.removesuffix("_mean") + "_std"
-        rows = [
-            f"{c.tag}: {key.removeprefix('cv/')} {c.cv[key]:.4f} +- {c.cv[std]:.4f} "
-            f"(mean +- std over {len(self.plan.folds or [])} folds)"
-            for c in self.plan.candidates
-        ]
-        return "\n".join([*rows, f"chosen by the mean: {chosen.tag}"])
-
-    def _final(self, cand: Candidate) -> tuple[str, str, float]:
-        """Train the registered model, score it, log it and register it with its aliases."""
-        plan = self.plan
-        model = self._train(cand, _final_train(plan), cand.run_id, f"{cand.tag}")
-        accumulator = MetricAccumulator()
-        if plan.has_test:
-            metrics = self._score(model, plan.data.splits["test"], "test", accumulator)
-        elif plan.folds is None:
-            metrics = self._score(model, plan.data.splits["val"], "val", accumulator)
-        else:
-            # The cross-validated means stand in for validation numbers of the final model.
-            metrics = {
-                k.removeprefix("cv/").removesuffix("_mean"): v
-                for k, v in cand.cv.items()
-                if k.endswith("_mean")
-            }
-            accumulator = None
-        self.tracker.log_metrics(cand.run_id, metrics, step=plan.config.retrain.epochs)
-        if accumulator is not None:
-            fpr, tpr = accumulator.roc()
-            split = plan.selection.split("/")[0]
-            self.tracker.log_text(
-                cand.run_id,
-                json.dumps(
-                    {
-                        "split": split,
-                        "auc": metrics[f"{split}/auc"],
-                        "fpr": fpr.tolist(),
-                        "tpr": tpr.tolist(),
-                    }
-                ),
-                ROC_ARTIFACT,
-            )
-        value = metrics.get(plan.selection, math.nan)
-        _say(f"{cand.tag} {plan.selection} {value:.4f}")
-        version, decision = self._register(cand, engine.clone_model(model).eval(), metrics)
-        return version, decision, value
-
-    def _meta(self, cand: Candidate, metrics: dict[str, float]) -> dict[str, Any]:
-        plan, rt = self.plan, self.plan.config.retrain
-        train = _final_train(plan)
-        return {
-            "dataset": plan.data.name,
-            "dataset_options": plan.options,
-            "settings": plan.data.settings,
-            "fingerprint": plan.data.fingerprint,
-            "train_resolution": _resolution(train),
-            "patch_size": train.patch_size,
-            "eval_protocol": rt.eval_protocol,
-            "eval_stride": rt.eval_stride,
-            "eval_window": self.plan.window,
-            "eval_batch_size": rt.eval_batch_size,
-            "threshold": THRESHOLD,
-            "trained_on": "train+val" if train is not plan.data.splits["train"] else "train",
-            "study": plan.study.study_name,
-            "trial": cand.trial.number,
-            "params": cand.params,
-            "batch_size": cand.batch_size,
-            "selection_metric": plan.selection,
-            "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-        }
-
-    def _register(
-        self, cand: Candidate, model: torch.nn.Module, metrics: dict[str, float]
-    ) -> tuple[str, str]:
+    def _register(self, cand: Candidate, card: ModelCard) -> tuple[str, str]:
         """Log the CPU model and its checkpoint, register a version, set the aliases.
 
-        A version whose tags or aliases could not be set is deleted again.
+        The champion gate reads validation values only. A version whose tags or aliases could
+        not be set is deleted again.
         """
         plan, tracker = self.plan, self.tracker
-        meta = self._meta(cand, metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = checkpoint.save(Path(tmp) / Path(CHECKPOINT_ARTIFACT).name, model, meta)
-            torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
-            tracker.log_file(cand.run_id, path, str(Path(CHECKPOINT_ARTIFACT).parent))
-            tracker.log_file(
-                cand.run_id, Path(tmp) / "state_dict.pt", str(Path(CHECKPOINT_ARTIFACT).parent)
-            )
+        model = engine.clone_model(cand.model).eval()
+        self._log_checkpoint(cand.run_id, model, card)
         uri, model_id = tracker.log_pytorch_model(
-            cand.run_id, model, _example(plan), _requirements()
+            cand.run_id, model, _example(cand.data), _requirements()
         )
         version = None
         try:
             version = tracker.register_version(
-                plan.model_name, uri, model_id, cand.run_id, _version_tags(meta, cand.cv, git_sha())
+                plan.model_name, uri, model_id, cand.run_id, card.tags()
+            )
+            tracker.set_version_description(
+                plan.model_name, version, card.markdown(_predict_command(plan, version))
             )
             tracker.set_alias(plan.model_name, CHALLENGER, version)
             champion = tracker.version_by_alias(plan.model_name, CHAMPION)
             moves, decision = decide_champion(
-                version,
-                metrics.get(plan.selection, math.nan),
-                champion,
-                plan.selection,
-                plan.maximize,
+                version, card.selection_value, champion, plan.selection, plan.maximize
             )
             if moves:
                 tracker.set_alias(plan.model_name, CHAMPION, version)
@@ -644,26 +665,48 @@ class Runner:
         _say(decision)
         return version, decision
 
-    def _table(self, rows: list[tuple[Candidate, str, float]]) -> str:
+    def _log_checkpoint(self, run_id: str, model: torch.nn.Module, card: ModelCard) -> None:
+        """The checkpoint with its card, and the bare weights for users without mapnet-tune."""
+        folder = str(Path(CHECKPOINT_ARTIFACT).parent)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = checkpoint.save(Path(tmp) / Path(CHECKPOINT_ARTIFACT).name, model, card)
+            self.tracker.log_file(run_id, path, folder)
+            torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
+            self.tracker.log_file(run_id, Path(tmp) / "state_dict.pt", folder)
+
+    def _table(self, rows: list[tuple[Candidate, str, ModelCard]]) -> str:
         plan = self.plan
         aliases = {v.version: v.aliases for v in self.tracker.versions(plan.model_name)}
+        test_key = _test_key(plan)
         head = [
             "trial",
+            "recipe",
             "search " + plan.config.objective.metric,
             plan.selection,
+            f"{test_key} (once, after the decision)",
             "version",
             "aliases",
             "mlflow run",
         ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for cand, version, value in rows:
+        for cand, version, card in rows:
+            test = f"{card.test[test_key]:.4f}" if test_key in card.test else "-"
             lines.append(
-                f"| {cand.tag} | {cand.trial.value:.4f} | {value:.4f} | {version} | "
+                f"| t{cand.trial.number:04d} | {card.recipe} | {cand.trial.value:.4f} | "
+                f"{card.selection_value:.4f} | {test} | {version} | "
                 f"{', '.join(aliases.get(version, ())) or '-'} | {cand.run_id} |"
             )
-        return f"{plan.model_name}, trained at {_resolution(_final_train(plan))}:\n" + "\n".join(
-            lines
-        )
+        trained = "; ".join(sorted({f"{card.recipe}: {card.training}" for _, _, card in rows}))
+        return f"{plan.model_name} ({trained}):\n" + "\n".join(lines)
+
+
+def _test_key(plan: Plan) -> str:
+    """The objective on the test split: ``test/iou``."""
+    return "test/" + plan.config.objective.metric.split("/", 1)[1]
+
+
+def _predict_command(plan: Plan, version: str) -> str:
+    return f"mapnet-tune predict --model models:/{plan.model_name}/{version} IMAGES... --out DIR"
 
 
 def decide_champion(
@@ -675,20 +718,20 @@ def decide_champion(
 
     Args:
         version: The new version.
-        value: Its selection metric.
+        value: Its selection metric (a validation value).
         champion: The current champion, if any.
-        metric: The selection metric, e.g. ``test/iou``.
+        metric: The selection metric, e.g. ``cv/val/iou_mean``.
         maximize: Whether larger is better.
 
     Returns:
-        (moves, e.g. "champion moves to version 3 (test/iou 0.8123 > 0.8011 of version 2)").
+        (moves, e.g. "champion moves to version 3 (val/iou 0.8123 > 0.8011 of version 2)").
     """
     moves, stays = f"champion moves to version {version}", "champion stays version"
     if champion is None:
         return True, f"{moves} (the first champion; {metric} {value:.4f})"
     if not math.isfinite(value):
         return False, f"{stays} {champion.version} (version {version} has no finite {metric})"
-    held = float(champion.tags.get(f"metric.{metric}", "nan"))
+    held = tagged_metrics(champion.tags).get(metric, math.nan)
     if not math.isfinite(held):
         return True, (
             f"{moves} (version {champion.version} has no {metric} to compare; "
@@ -706,22 +749,14 @@ def decide_champion(
 
 
 def _best(cands: list[Candidate], key: str, maximize: bool) -> Candidate:
-    finite = [c for c in cands if math.isfinite(c.cv.get(key, math.nan))] or cands
+    finite = [c for c in cands if math.isfinite(c.validation.get(key, math.nan))] or cands
     pick = max if maximize else min
-    return pick(finite, key=lambda c: c.cv.get(key, math.nan))
+    return pick(finite, key=lambda c: c.validation.get(key, math.nan))
 
 
-def _resolution(split: Split) -> str:
-    """``256x256 patches`` or ``584x565 images``: what the model sees while training."""
-    if split.patch_size is not None:
-        return f"{split.patch_size}x{split.patch_size} patches"
-    _, _, height, width = split.images.shape
-    return f"{height}x{width} images"
-
-
-def _example(plan: Plan) -> np.ndarray:
+def _example(data: PreparedDataset) -> np.ndarray:
     """A (1, C, S, S) input example: the centre of a training image, S a multiple of 16."""
-    image = plan.data.splits["train"].images[0]
+    image = data.splits["train"].images[0]
     _, height, width = image.shape
     side = min(EXAMPLE_SIDE, height, width)
     top, left = (height - side) // 2, (width - side) // 2
@@ -738,30 +773,3 @@ def _requirements() -> list[str]:
     except importlib.metadata.PackageNotFoundError:
         pins.append("mapnet-tune")
     return pins
-
-
-def _version_tags(meta: dict[str, Any], cv: dict[str, float], sha: str) -> dict[str, Any]:
-    """Model-version tags: provenance, parameters, metrics, resolution and preprocessing."""
-    settings = {k: v for k, v in meta["settings"].items() if k != "notes"}
-    return {
-        "study": meta["study"],
-        "trial": meta["trial"],
-        "dataset": meta["dataset"],
-        "dataset.fingerprint": meta["fingerprint"],
-        "git.sha": sha,
-        "trained_on": meta["trained_on"],
-        "train_resolution": meta["train_resolution"],
-        "eval_protocol": meta["eval_protocol"],
-        "eval_stride": meta["eval_stride"],
-        "eval_window": meta["eval_window"],
-        "selection_metric": meta["selection_metric"],
-        "dataset.options": json.dumps(meta["dataset_options"], sort_keys=True),
-        "preprocessing": json.dumps(settings, sort_keys=True),
-        "batch_size": meta["batch_size"],
-        **{f"param.{k}": v for k, v in meta["params"].items()},
-        **{
-            f"metric.{k}": repr(float(v))
-            for k, v in {**meta["metrics"], **cv}.items()
-            if math.isfinite(v)
-        },
-    }

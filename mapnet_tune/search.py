@@ -8,6 +8,7 @@ store; there is no scheduler of our own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -31,9 +32,15 @@ from optuna.trial import FrozenTrial, TrialState
 from mapnet_tune import engine
 from mapnet_tune.config import StudyConfig, check_channels, read_yaml
 from mapnet_tune.data import PreparedDataset, prepare
-from mapnet_tune.data.augment import augmentation_for
 from mapnet_tune.errors import UserError, redact_url
-from mapnet_tune.model import MAPNet
+from mapnet_tune.recipe import (
+    augmentation,
+    build_model,
+    search_evaluation,
+    search_settings,
+    suggest,
+    trial_seed,
+)
 from mapnet_tune.tracking import Tracker, git_sha
 from mapnet_tune.viz import overlay_panel
 
@@ -49,6 +56,9 @@ HEARTBEAT_S = 30
 GRACE_S = 90
 #: How often a lost trial is re-queued before its parameters are given up.
 LOST_RETRIES = 2
+#: A study stops when its most recent trials all failed this many times in a row: the cause
+#: (a bug, a broken dataset, a batch that never fits) will not go away by sampling more.
+MAX_CONSECUTIVE_FAILURES = 5
 #: Longest pause between two looks at the study while a worker waits for others.
 POLL_S = 5
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -196,11 +206,6 @@ def default_study_name(study: StudyConfig) -> str:
     return stem if stem == study.dataset.name else f"{study.dataset.name}-{stem}"
 
 
-def trial_seed(study_seed: int, number: int) -> int:
-    """The seed of every random choice in one trial."""
-    return (study_seed * 1_000_003 + number) % (2**31 - 1)
-
-
 @dataclass(frozen=True)
 class SearchRequest:
     """Everything one ``mapnet-tune search`` worker needs."""
@@ -281,38 +286,6 @@ def _pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
-    """The trial's hyperparameters: sampled where the study searches, fixed elsewhere."""
-    params: dict[str, Any] = {}
-    for p in study.space:
-        if p.kind == "fixed":
-            params[p.name] = p.value
-        elif p.kind == "categorical":
-            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.kind == "int":
-            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
-        else:
-            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
-    return params
-
-
-def trial_params(trial: optuna.Trial | optuna.trial.FixedTrial, study: StudyConfig,
-                 user_attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The values a trial trains with: its parameters, and the halved batch size of an
-    out-of-memory retry (kept apart because it may lie outside the sampled choices)."""
-    params = suggest(trial, study)
-    if user_attrs.get("batch_size_override"):
-        params["batch_size"] = int(user_attrs["batch_size_override"])
-    return params
-
-
-def build_model(study: StudyConfig, channels: int) -> MAPNet:
-    """A freshly initialised MAP-Net as the study file describes it."""
-    return MAPNet(in_channels=channels, out_channels=1, width=study.model.width,
-                  head_interpolation=study.model.head_interpolation,
-                  bn_momentum=study.model.bn_momentum)
-
-
 def claim_slot(trial: optuna.Trial, target: int) -> None:
     """Hand ``trial`` back, unrun, when lower-numbered trials already reach ``target``.
 
@@ -376,7 +349,7 @@ class Objective:
             self.progress.line(f"t{trial.number:04d} not needed: other workers fill the study")
             raise
         study = self.req.study
-        params = trial_params(trial, study, trial.user_attrs)
+        params = suggest(trial, study)
         seed = trial_seed(study.sampler.seed, trial.number)
         name = f"{study.dataset.name}-t{trial.number:04d}"
         run_id = self.tracker.create_run(self.experiment_id, name, {
@@ -414,15 +387,8 @@ class Objective:
         study = self.req.study
         torch.manual_seed(seed)
         model = build_model(study, self.data.channels)
-        augment = augmentation_for(params, self.data.channels, seed, self.device)
-        budget = study.train.max_minutes * 60 if study.train.max_minutes else None
-        settings = engine.TrainSettings(
-            epochs=study.train.epochs, batch_size=int(params["batch_size"]), lr=params["lr"],
-            pos_weight=params["pos_weight"], max_seconds=budget,
-            steps_per_epoch=study.train.steps_per_epoch, eval_protocol=study.train.eval_protocol,
-            eval_stride=study.train.eval_stride, eval_batch_size=study.train.eval_batch_size,
-            objective=study.objective.metric, maximize=study.objective.direction == "maximize",
-            seed=seed, precise_bn_batches=study.train.precise_bn_batches)
+        augment = augmentation(params, self.data.channels, seed, self.device)
+        settings = search_settings(study, params, seed, self.data.splits["train"])
         metric = study.objective.metric
 
         def on_epoch(epoch: int, metrics: dict[str, float], net: torch.nn.Module,
@@ -456,35 +422,48 @@ class Objective:
     def _log_overlays(self, model: torch.nn.Module, run_id: str, epoch: int) -> None:
         val = self.data.splits["val"]
         n = min(OVERLAY_IMAGES, len(val.images))
-        protocol = "sliding-window" if self.req.study.train.eval_protocol == "sliding-window" \
-            else "full-image"
-        probs = engine.predict(model, val.images[:n], protocol,
-                               window=val.patch_size or 64, stride=self.req.study.train.eval_stride,
-                               batch_size=self.req.study.train.eval_batch_size, device=self.device)
+        evaluation = search_evaluation(self.req.study, self.data.splits["train"])
+        if evaluation.protocol == "patches":
+            # Overlays show whole images; windows the size of the patches cover them.
+            evaluation = dataclasses.replace(evaluation, protocol="sliding-window")
+        probs = engine.predict(model, val.images[:n], evaluation, device=self.device)
         panel = overlay_panel(val.images[:n], val.masks[:n], probs.numpy(),
                               None if val.fov is None else val.fov[:n])
         self.tracker.log_image(run_id, panel, "overlays/best_epoch.png")
         self.tracker.set_tags(run_id, {"mapnet_tune.overlay_epoch": epoch})
         model.train()
 
-    def _requeue(self, trial: optuna.Trial, why: str, batch_size: int | None = None) -> None:
-        """Queue the same sampled values again, so the configuration is not lost."""
-        attrs = {"retry_of": trial.number, "retry_reason": why}
-        if batch_size is not None:
-            attrs["batch_size_override"] = batch_size
-        trial.study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    def _requeue(self, trial: optuna.Trial, why: str, params: dict[str, Any] | None = None,
+                 ) -> None:
+        """Queue the same sampled values (or ``params``) again, so the configuration is not
+        lost."""
+        trial.study.enqueue_trial(dict(params or trial.params),
+                                  user_attrs={"retry_of": trial.number, "retry_reason": why})
 
     def _failure(self, trial: optuna.Trial, params: dict[str, Any], exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             gc.collect()
             torch.cuda.empty_cache()
-            half = int(params["batch_size"]) // 2
-            if half >= 1 and "batch_size_override" not in trial.user_attrs:
-                self._requeue(trial, "out of memory", batch_size=half)
-                reason += f"; re-queued with batch size {half}"
+            reason += "; " + self._retry_smaller(trial, params)
         trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
         return reason
+
+    def _retry_smaller(self, trial: optuna.Trial, params: dict[str, Any]) -> str:
+        """Queue the trial's values with half the batch, if the search space holds that batch.
+
+        The new trial then records the batch it really runs with, so the sampler learns a
+        true point and export-best hands back a batch that fits.
+        """
+        half = int(params["batch_size"]) // 2
+        spec = self.req.study.param("batch_size")
+        fits = (half in spec.choices if spec.kind == "categorical"
+                else spec.kind in ("int", "float") and spec.low <= half)
+        if half < 1 or not fits:
+            return (f"not re-queued: half the batch ({half}) is outside the search space of "
+                    f"batch_size")
+        self._requeue(trial, "out of memory", {**trial.params, "batch_size": half})
+        return f"re-queued with batch size {half}"
 
 
 def _ensure_parent(study: optuna.Study, created: bool, tracker: Tracker, experiment_id: str,
@@ -614,6 +593,9 @@ def run_search(req: SearchRequest) -> optuna.Study:
         with _sigterm_as_interrupt():
             _work(study, objective, tracker, progress, req, deadline)
         tracker.end_run(parent, "FINISHED")
+    except UserError as exc:
+        tracker.end_run(parent, "FAILED", str(exc))
+        raise
     except StudyTimeout:
         progress.line("time limit reached; run the same command to continue")
         return study
@@ -643,6 +625,7 @@ def _work(study: optuna.Study, objective: Objective, tracker: Tracker, progress:
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if finished >= req.trials:
             return
+        _stop_after_repeated_failures(trials)
         if deadline is not None and time.time() > deadline:
             raise StudyTimeout
         outage = tracker.outage()
@@ -661,6 +644,28 @@ def _work(study: optuna.Study, objective: Objective, tracker: Tracker, progress:
             progress.line(why)
             shown = why
         time.sleep(min(POLL_S, req.heartbeat_s))
+
+
+def _stop_after_repeated_failures(trials: list[FrozenTrial]) -> None:
+    """Raise when the latest trials all failed and no queued retry is left to try.
+
+    Raises:
+        UserError: Naming the count and the last failure's reason.
+    """
+    if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+        return
+    streak = []
+    for trial in sorted(trials, key=lambda t: t.number, reverse=True):
+        if is_surplus(trial):
+            continue
+        if trial.state != TrialState.FAIL:
+            break
+        streak.append(trial)
+    if len(streak) >= MAX_CONSECUTIVE_FAILURES:
+        last = streak[0]
+        reason = last.user_attrs.get("fail_reason", "no reason recorded")
+        raise UserError(f"the last {len(streak)} trials failed, the latest (t{last.number:04d}) "
+                        f"with {reason}; fix the cause and run the same command to resume")
 
 
 def _fail_lost_trials(study: optuna.Study) -> None:

@@ -51,6 +51,17 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def store_exists(uri: str | None) -> bool:
+    """Whether a tracking store is there to read: a server, or an existing SQLite file.
+
+    Read-only commands use it so as not to create an empty ``mlflow.db`` as a side effect.
+    """
+    resolved = resolve_tracking_uri(uri)
+    if not resolved.startswith("sqlite:///"):
+        return True
+    return Path(resolved.removeprefix("sqlite:///")).is_file()
+
+
 def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
@@ -323,6 +334,15 @@ class Tracker:
                 name, model_uri, run_id=run_id, model_id=model_id,
                 tags={k: str(v) for k, v in tags.items()})
         return str(version.version)
+
+    def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) tags of a model version."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+
+    def set_version_description(self, name: str, version: str, text: str) -> None:
+        """The Markdown a model version's page shows first."""
+        self.client.update_model_version(name, version, description=text)
 
     def delete_version(self, name: str, version: str) -> None:
         """Remove a model version (and with it any alias pointing at it)."""

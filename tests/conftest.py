@@ -16,6 +16,8 @@ from PIL import Image
 from mapnet_tune import checkpoint
 from mapnet_tune.cli import main
 from mapnet_tune.data import get_loader
+from mapnet_tune.engine import Evaluation
+from mapnet_tune.modelcard import ModelCard
 
 TINY_STUDY = {
     "dataset": {"name": "synthetic",
@@ -144,28 +146,33 @@ def write_folder(root: Path, count: int = 10, size=(20, 24), colour: bool = True
     return root
 
 
-def write_checkpoint(path: Path, model, data) -> Path:
+def write_checkpoint(path: Path, model, data, **card) -> Path:
     """Save ``model`` as a checkpoint for the prepared dataset ``data``, scored on whole images.
 
     The only place tests create checkpoints: when the checkpoint format changes, only this
-    helper follows it.
+    helper follows it. ``card`` overrides fields of the model card.
     """
     options = {key: data.settings[key] for key in get_loader(data.name).options}
-    train = data.splits["train"]
-    meta = {
+    fields = {
         "dataset": data.name,
-        "dataset_options": options,
-        "settings": data.settings,
         "fingerprint": data.fingerprint,
-        "train_resolution": "{}x{} images".format(*train.images.shape[-2:]),
-        "patch_size": train.patch_size,
-        "eval_protocol": "full-image",
-        "eval_stride": 16,
-        "eval_window": None,
-        "eval_batch_size": 2,
-        "threshold": 0.5,
+        "dataset_options": options,
+        "preprocessing": data.settings,
+        "study": "handmade",
+        "trial": 0,
+        "recipe": "default",
+        "params": {"lr": 1e-3, "batch_size": 2},
+        "batch_size": 2,
+        "epochs": 1,
+        "training": "{}x{} whole images".format(*data.splits["train"].images.shape[-2:]),
+        "trained_on": "train",
+        "weights": "the final weights",
+        "evaluation": Evaluation("full-image", batch_size=2),
+        "selection_metric": "val/iou",
+        "selection_value": float("nan"),
+        **card,
     }
-    return checkpoint.save(path, model, meta)
+    return checkpoint.save(path, model, ModelCard(**fields))
 
 
 # One search and retrain-best shared by the registry, predict and report tests.

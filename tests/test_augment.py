@@ -99,8 +99,8 @@ def test_training_batches_use_the_batched_path_on_the_device():
     x, y = _images(n=4, channels=1)
     split = Split(x, y, None, tuple("abcd"))
     batch = BatchAugment(params, channels=1, seed=0)
-    (bx, by), = engine.Batches(split, 4, cpu, batch, seed=0).epoch()
+    (bx, by, _), = engine.Batches(split, 4, cpu, batch, seed=0).epoch()
     order = engine.Batches(split, 4, cpu, None, seed=0).epoch()
-    (px, py), = order  # the same seeded order, unaugmented
+    (px, py, _), = order  # the same seeded order, unaugmented
     torch.testing.assert_close(bx, px.flip(-1).flip(-2))
     torch.testing.assert_close(by, py.flip(-1).flip(-2))

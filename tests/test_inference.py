@@ -12,7 +12,7 @@ from torch import nn
 from mapnet_tune import checkpoint, engine
 from mapnet_tune.data import Split, prepare
 from mapnet_tune.model import MAPNet
-from tests.conftest import TINY_STUDY, drive_root
+from tests.conftest import TINY_STUDY, drive_root, write_checkpoint
 
 
 class ConstantLogit(nn.Module):
@@ -31,9 +31,11 @@ class ConstantLogit(nn.Module):
 def test_sliding_window_and_full_image_agree_for_a_constant_model():
     images = np.random.default_rng(0).random((2, 1, 70, 93), dtype=np.float32)
     model = ConstantLogit(0.7)
-    full = engine.predict(model, images, "full-image", device=torch.device("cpu"))
-    window = engine.predict(model, images, "sliding-window", window=32, stride=5,
-                            device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    full = engine.predict(model, images, engine.Evaluation("full-image"), device=cpu)
+    window = engine.predict(
+        model, images, engine.Evaluation("sliding-window", window=32, stride=5), device=cpu
+    )
     assert full.shape == window.shape == (2, 1, 70, 93)
     expected = torch.sigmoid(torch.tensor(0.7))
     assert torch.allclose(full, expected) and torch.allclose(window, expected)
@@ -47,8 +49,8 @@ def test_sliding_window_averages_overlapping_windows():
             return x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, *x.shape[2:])
 
     image = np.random.default_rng(1).random((1, 1, 40, 37), dtype=np.float32)
-    got = engine.predict(MeanLogit(), image, "sliding-window", window=32, stride=4,
-                         device=torch.device("cpu"))[0, 0].numpy()
+    evaluation = engine.Evaluation("sliding-window", window=32, stride=4)
+    got = engine.predict(MeanLogit(), image, evaluation, device=torch.device("cpu"))[0, 0].numpy()
     padded = np.zeros((40, 37 + 3), np.float32)  # (37 - 32) % 4 = 1 -> pad 3 columns
     padded[:, :37] = image[0, 0]
     total, count = np.zeros_like(padded), np.zeros_like(padded)
@@ -66,7 +68,8 @@ def test_patch_evaluation_scores_only_the_fov():
     fov = np.zeros((1, 1, 64, 64), np.uint8)
     fov[..., :32, :] = 1
     split = Split(images, masks, fov, ("a",), np.array([[0, 0, 0], [0, 16, 16]], np.int32), 48)
-    metrics = engine.evaluate(ConstantLogit(5.0), split, "patches", device=torch.device("cpu"))
+    evaluation = engine.Evaluation("patches")
+    metrics = engine.evaluate(ConstantLogit(5.0), split, evaluation, device=torch.device("cpu"))
     assert metrics["val/iou"] == 1.0
     assert metrics["val/pixels"] == 48 * 32 + 48 * 16
 
@@ -75,16 +78,16 @@ def test_evaluate_checkpoint_prints_the_published_row(workdir, cli):
     options = TINY_STUDY["dataset"]["options"]
     torch.manual_seed(0)
     model = MAPNet(in_channels=3, width=0.0625)
-    path = checkpoint.save(workdir / "m.pt", model, {
-        "dataset": "synthetic", "dataset_options": options, "eval_protocol": "full-image"})
+    path = write_checkpoint(workdir / "m.pt", model, prepare("synthetic", None, options))
     result = cli("evaluate", "--checkpoint", path, "--dataset", "synthetic", "--split", "test")
     assert result.exit_code == 0, result.output
     assert "F1" in result.output and "IoU" in result.output
 
     data = prepare("synthetic", None, options)
     loaded, _ = checkpoint.load(path)
-    expected = engine.evaluate(loaded, data.splits["test"], "full-image", "test",
-                               device=torch.device("cpu"))
+    expected = engine.evaluate(
+        loaded, data.splits["test"], engine.Evaluation(), "test", device=torch.device("cpu")
+    )
     assert f"{expected['test/iou']:.4f}" in result.output
 
     wrong = cli("evaluate", "--checkpoint", path, "--dataset", "synthetic", "--split", "holdout")

@@ -86,7 +86,7 @@ def test_evaluate_prints_the_published_lung_evaluation_of_an_around_lung_model(w
 
     # The published evaluation (BCDU evaluate_performance.py), independently in numpy.
     test = data.splits["test"]
-    probs = engine.predict(model, test.images, batch_size=2, device=CPU).numpy()
+    probs = engine.predict(model, test.images, engine.Evaluation(batch_size=2), device=CPU).numpy()
     estimated = (test.extras["body_fov"] > 0) & ~(probs >= 0.5)
     lung = test.extras["lung"] > 0
     tp, fp = np.sum(estimated & lung), np.sum(estimated & ~lung)
@@ -112,7 +112,7 @@ def test_evaluate_prints_the_published_lung_evaluation_of_an_around_lung_model(w
     around = (probs >= 0.5) & (test.masks > 0)
     iou = around.sum() / ((probs >= 0.5) | (test.masks > 0)).sum()
     assert honest["iou"] == f"{iou:.4f}" != printed["iou"]
-    metrics = engine.evaluate(model, test, "full-image", "test", device=CPU, batch_size=2)
+    metrics = engine.evaluate(model, test, engine.Evaluation(batch_size=2), "test", device=CPU)
     assert metrics["test/legacy_lung_auc"] == pytest.approx(expected["legacy_auc_binary"])
 
 
@@ -137,7 +137,7 @@ def test_direct_lung_target_has_no_legacy_row(workdir, cli):
     )
     assert result.exit_code == 0, result.output
     assert "legacy lung" not in result.output and "leaks" not in result.output
-    metrics = engine.evaluate(model, data.splits["test"], "full-image", "test", device=CPU)
+    metrics = engine.evaluate(model, data.splits["test"], engine.Evaluation(), "test", device=CPU)
     assert not any("legacy_lung" in key for key in metrics)
 
 
@@ -173,7 +173,7 @@ def _version(target: str | None) -> ModelVersionInfo:
 
 
 def test_report_row_of_an_around_lung_model_is_its_labelled_legacy_evaluation():
-    label, metrics = _row_metrics(_version("BCDU-outside"), "lung")
+    label, metrics = _row_metrics(_version("BCDU-outside"), "lung", "test")
     assert "legacy lung evaluation, leaks ground truth" in label
     assert metrics == {
         "test/f1": 0.95,
@@ -185,11 +185,11 @@ def test_report_row_of_an_around_lung_model_is_its_labelled_legacy_evaluation():
         "test/iou": 0.9,
     }
     for target in (None, "direct"):
-        label, metrics = _row_metrics(_version(target), "lung")
+        label, metrics = _row_metrics(_version(target), "lung", "test")
         assert "legacy" not in label and "leaks" not in label
         assert metrics["test/f1"] == 0.5 and metrics["test/legacy_auc_binary"] == 0.65
     # The option only means this on the lung dataset.
-    label, metrics = _row_metrics(_version("bcdu-outside"), "isic")
+    label, metrics = _row_metrics(_version("bcdu-outside"), "isic", "test")
     assert "leaks" not in label and metrics["test/f1"] == 0.5
 
 

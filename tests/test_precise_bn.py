@@ -40,12 +40,13 @@ def test_recomputed_statistics_do_not_depend_on_the_old_ones(data):
         m.running_mean.add_(torch.randn_like(m.running_mean))
         m.running_var.mul_(3.0)
     val = data.splits["val"]
-    before = [engine.evaluate(net, val, "full-image", device=CPU) for net in (fresh, disturbed)]
+    whole = engine.Evaluation()
+    before = [engine.evaluate(net, val, whole, device=CPU) for net in (fresh, disturbed)]
     assert before[0] != before[1]  # the disturbance shows in the metrics
     batches = list(engine.Batches(data.splits["train"], 4, CPU, None, seed=1).epoch())
     for net in (fresh, disturbed):
         assert engine.recompute_bn_stats(net, batches, steps=3, device=CPU) == 3
-    after = [engine.evaluate(net, val, "full-image", device=CPU) for net in (fresh, disturbed)]
+    after = [engine.evaluate(net, val, whole, device=CPU) for net in (fresh, disturbed)]
     assert after[0] == after[1]
     for a, b in zip(_norms(fresh), _norms(disturbed), strict=True):
         assert torch.equal(a.running_mean, b.running_mean)
@@ -82,7 +83,11 @@ def _fit(data, precise_bn_batches: int) -> tuple[nn.Module, engine.FitResult]:
     torch.manual_seed(0)
     model = MAPNet(1, 1, width=0.125, bn_momentum=0.01)
     settings = engine.TrainSettings(
-        epochs=2, batch_size=4, lr=1e-3, eval_batch_size=4, precise_bn_batches=precise_bn_batches
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        evaluation=engine.Evaluation(batch_size=4),
+        precise_bn_batches=precise_bn_batches,
     )
     augment = BatchAugment({"flip_p": 0.5, "rot90_p": 0.5, "brightness": 0.2}, 1, seed=0)
     result = engine.fit(

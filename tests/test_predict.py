@@ -55,7 +55,7 @@ def test_predict_writes_masks_at_each_size_matching_the_logged_model(registry, c
         raw = read_image(path)
         assert prob.shape == mask.shape == raw.shape[:2]
         x = preprocess_images(settings, [raw])
-        expected = engine.predict(logged, x, "full-image", device=torch.device("cpu"))[0, 0]
+        expected = engine.predict(logged, x, device=torch.device("cpu"))[0, 0]
         np.testing.assert_allclose(prob, expected.numpy(), atol=0.6 / 255)
         clear = np.abs(expected.numpy() - 0.5) > 1 / 255
         np.testing.assert_array_equal(mask[clear] > 0, expected.numpy()[clear] >= 0.5)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+import shutil
+from pathlib import Path
 
 import mlflow.pytorch
 import numpy as np
 import optuna
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from mapnet_tune import engine
-from mapnet_tune.config import parse_study
+from mapnet_tune import engine, retrain
+from mapnet_tune.config import load_study, parse_study
 from mapnet_tune.data import Split, prepare
 from mapnet_tune.data.splits import concat, take
 from mapnet_tune.errors import UserError
@@ -26,6 +30,7 @@ from mapnet_tune.tracking import ModelVersionInfo, Tracker
 from tests.conftest import (
     REGISTERED_STUDY,
     TINY_STUDY,
+    drive_root,
     write_drive,
     write_folder,
     write_study,
@@ -59,7 +64,7 @@ def _runs(role: str) -> list:
 
 def _set_champion_metric(value: str) -> str:
     champion = _aliases()["champion"]
-    _client().set_model_version_tag(MODEL, champion, "metric.test/iou", value)
+    _client().set_model_version_tag(MODEL, champion, "metric.val/iou", value)
     return champion
 
 
@@ -79,21 +84,31 @@ def test_versions_carry_tags_artifacts_and_aliases(registry):
         assert tags["study"] == REGISTERED_STUDY and tags["dataset"] == "synthetic"
         assert len(tags["dataset.fingerprint"]) == 16
         assert float(tags["param.lr"]) == pytest.approx(trial.params["lr"])
+        # Chosen on validation; the single test score is stored apart and decides nothing.
         assert {
+            "metric.val/iou",
             "metric.test/iou",
             "metric.test/f1",
             "metric.test/auc",
             "metric.test/legacy_js",
         } <= set(tags)
-        assert tags["selection_metric"] == "test/iou" and tags["trained_on"] == "train+val"
-        assert tags["train_resolution"] == "32x32 images"
-        assert tags["eval_protocol"] == "full-image"
+        assert tags["selection_metric"] == "val/iou" and tags["trained_on"] == "train"
+        assert tags["test_scored"] == "yes" and tags["recipe"] == "default"
+        assert tags["train_resolution"] == "32x32 whole images"
+        assert tags["evaluation"] == "full-image" and "final weights" in tags["weights"]
         assert '"size": 32' in tags["preprocessing"]
+        description = _client().get_model_version(MODEL, version.version).description
+        assert "Chosen by `val/iou`" in description and "decides nothing" in description
+        assert f"--model models:/{MODEL}/{version.version}" in description
         run = _client().get_run(version.run_id)
         assert run.info.status == "FINISHED"
         assert run.info.run_name == f"synthetic-retrain-t{trial.number:04d}"
         assert run.data.params["batch_size"] == "4"
         assert run.data.metrics["test/iou"] == pytest.approx(float(tags["metric.test/iou"]))
+        assert run.data.metrics["val/iou"] == pytest.approx(float(tags["metric.val/iou"]))
+        # The validation curve: every val_every (2) epochs and after the last.
+        curve = _client().get_metric_history(version.run_id, "val/iou")
+        assert [m.step for m in curve] == [1]
         files = {a.path for a in _client().list_artifacts(version.run_id, "checkpoint")}
         assert files == {"checkpoint/mapnet.pt", "checkpoint/state_dict.pt"}
     parent = _runs("retrain")
@@ -102,16 +117,18 @@ def test_versions_carry_tags_artifacts_and_aliases(registry):
         parent[0].info.run_id
     }
 
-    # challenger is the newest version; champion the better one, the first on a tie.
-    values = [float(v.tags["metric.test/iou"]) for v in versions]
+    # challenger is the newest version; champion the better one on val, the first on a tie.
+    values = [float(v.tags["metric.val/iou"]) for v in versions]
     assert _aliases() == {"challenger": "2", "champion": "2" if values[1] > values[0] else "1"}
 
     # The MLflow pytorch model and the checkpoint hold the same CPU model.
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     logged = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
-    model, meta, _ = load_model(f"models:/{MODEL}/1")
-    assert meta["trial"] == int(versions[0].tags["trial"])
-    assert meta["eval_protocol"] == "full-image" and meta["settings"]["size"] == 32
+    model, card, _ = load_model(f"models:/{MODEL}/1")
+    assert card.trial == int(versions[0].tags["trial"])
+    assert card.evaluation.protocol == "full-image" and card.preprocessing["size"] == 32
+    assert card.test["test/iou"] == pytest.approx(float(versions[0].tags["metric.test/iou"]))
+    assert card.selection_metric == "val/iou" and card.folds == 0
     x = torch.rand(1, 3, 48, 48)
     with torch.no_grad():
         np.testing.assert_allclose(logged.eval()(x).numpy(), model(x).numpy(), atol=1e-5)
@@ -130,8 +147,9 @@ def test_rerun_registers_nothing_and_force_registers_again(registry, cli):
     versions = _versions()
     assert len(versions) == 3 and versions[2].tags["trial"] == versions[0].tags["trial"]
     assert _aliases()["challenger"] == "3"
-    # Retraining is seeded: the same trial reproduces its test score, and a tie keeps the
+    # Retraining is seeded: the same trial reproduces its scores, and a tie keeps the
     # champion where it was.
+    assert versions[2].tags["metric.val/iou"] == versions[0].tags["metric.val/iou"]
     assert versions[2].tags["metric.test/iou"] == versions[0].tags["metric.test/iou"]
 
 
@@ -140,14 +158,14 @@ def test_champion_gate_in_both_directions(registry, cli):
     held = _set_champion_metric("1.0")
     result = cli("retrain-best", "--top-k", 1, "--force")
     assert result.exit_code == 0, result.output
-    assert f"champion stays version {held} (test/iou 1.0000 >= " in result.output
+    assert f"champion stays version {held} (val/iou 1.0000 >= " in result.output
     assert _aliases() == {"champion": held, "challenger": "3"}
 
     _set_champion_metric("-1.0")
     result = cli("retrain-best", "--top-k", 1, "--force")
     assert result.exit_code == 0, result.output
     assert re.search(
-        rf"champion moves to version 4 \(test/iou \S+ > -1.0000 of version "
+        rf"champion moves to version 4 \(val/iou \S+ > -1.0000 of version "
         rf"{held}\)",
         result.output,
     )
@@ -172,18 +190,22 @@ def test_decide_champion_explains_itself():
 def test_folds_report_mean_and_spread_and_register_the_best_mean(registry, cli):
     result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
     assert result.exit_code == 0, result.output
-    assert result.output.count("(mean +- std over 2 folds)") == 2
-    assert "chosen by the mean: t" in result.output
+    assert len(re.findall(r"t\d{4}: cv/val/iou_mean \S+ \+- \S+", result.output)) == 2
+    assert "chosen by cv/val/iou_mean: t" in result.output
     versions = _versions()
     assert len(versions) == 3
     new = versions[2].tags
     assert {"metric.cv/val/iou_mean", "metric.cv/val/iou_std", "metric.test/iou"} <= set(new)
-    assert new["trained_on"] == "train+val"
+    assert new["trained_on"] == "train+val" and new["selection_metric"] == "cv/val/iou_mean"
+    assert new["folds"] == "2"
     folds = _runs("retrain-fold")
     assert len(folds) == 4 and all(r.info.status == "FINISHED" for r in folds)
     held_out = {r.data.params["held_out"] for r in folds}
     assert len(held_out) == 2  # the same two folds for both configurations
     assert sum(len(h.split(",")) for h in held_out) == 12  # train 8 + val 4, each once
+    # Each fold logs its held-out curve with the recipe's own settings.
+    fold = folds[0]
+    assert [m.step for m in _client().get_metric_history(fold.info.run_id, "val/iou")] == [1]
 
     # The top two were compared already: a rerun neither cross-validates nor registers.
     again = cli("retrain-best", "--top-k", 3, "--folds", 2)
@@ -255,16 +277,33 @@ def test_failed_registration_leaves_no_version(registry, monkeypatch):
 
 def test_retrain_section_is_validated_and_not_part_of_the_digest():
     base = {"dataset": {"name": "synthetic"}}
-    for retrain, needle in [
+    for section, needle in [
         ({"eval_protocol": "patches"}, "valid values: full-image"),
         ({"batch_scale": 0}, "retrain.batch_scale' must be positive"),
         ({"patch_size": 256}, "retrain.patch_size' is not a known"),
+        ({"resolution": "native"}, "'retrain.resolution' is 'native'; valid values: full, crop"),
+        ({"folds": 1}, "retrain.folds' must be 0 (decide on the val split) or at least 2"),
+        ({"val_every": 0}, "retrain.val_every' must be positive"),
+        ({"variants": {"big": {"epochs": 0}}}, "retrain.variants.big.epochs' must be positive"),
+        ({"variants": {"big": {"folds": 2}}}, "retrain.variants.big.folds' is not a known"),
+        (
+            {"resolution": "full", "eval_protocol": "sliding-window"},
+            "resolution full predicts whole images",
+        ),
     ]:
         with pytest.raises(UserError, match=re.escape(needle)):
-            parse_study({**base, "retrain": retrain}, "s.yaml")
+            parse_study({**base, "retrain": section}, "s.yaml")
     one = parse_study({**base, "retrain": {"epochs": 3}}, "s.yaml")
     assert one.digest() == parse_study({**base, "retrain": {"epochs": 9}}, "s.yaml").digest()
-    assert one.retrain.batch_scale == 1.0
+    default = one.retrain.recipes["default"]
+    assert default.batch_scale == 1.0 and default.resolution == "full"
+    assert default.protocol == "full-image" and one.retrain.folds == 0
+    # A variant is the default recipe with its own keys over it.
+    two = parse_study(
+        {**base, "retrain": {"epochs": 3, "variants": {"crop": {"resolution": "crop"}}}}, "s.yaml"
+    )
+    crop = two.retrain.recipes["crop"]
+    assert crop.epochs == 3 and crop.protocol == "sliding-window"
 
 
 def test_concat_and_take_keep_patches_on_their_images():
@@ -299,7 +338,7 @@ def test_fit_without_validation_keeps_the_final_weights(tmp_path):
     model = MAPNet(in_channels=3, width=0.0625)
     settings = engine.TrainSettings(epochs=1, batch_size=4, lr=1e-3)
     result = engine.fit(model, train, None, settings, device=torch.device("cpu"))
-    assert result.best_state is None and result.best_epoch == -1
+    assert result.best_epoch == -1
     assert list(result.history[0]) == ["train/loss", "time/epoch_end_s"]
 
 
@@ -319,25 +358,27 @@ def test_without_a_test_split_selection_is_on_validation_and_said_so(workdir, cl
     assert cli("search", "--config", study, "--trials", 2, "--study", "f").exit_code == 0
     result = cli("retrain-best", "--study", "f", "--top-k", 1)
     assert result.exit_code == 0, result.output
-    assert "has no test split here" in result.output
-    assert (
-        "selected on val/iou from the val split, with models trained on train only" in result.output
+    assert "the dataset has no test split here" in result.output
+    assert "decided on val/iou from the val split, with models trained on train only" in (
+        result.output
     )
     client = MlflowClient(uri, uri)
     (version,) = client.search_model_versions("name='mapnet-folder'")
     assert version.tags["selection_metric"] == "val/iou" and version.tags["trained_on"] == "train"
     assert "metric.val/iou" in version.tags and "metric.test/iou" not in version.tags
+    assert version.tags["test_scored"] == "no"
 
     result = cli("retrain-best", "--study", "f", "--top-k", 1, "--folds", 2, "--force")
     assert result.exit_code == 0, result.output
-    assert "from the 2-fold cross-validated mean over train + val" in result.output
+    assert "decided on cv/val/iou_mean from the 2-fold cross-validated mean" in result.output
     newest = max(client.search_model_versions("name='mapnet-folder'"), key=lambda v: int(v.version))
     assert newest.tags["trained_on"] == "train+val"
-    assert newest.tags["metric.val/iou"] == newest.tags["metric.cv/val/iou_mean"]
+    assert newest.tags["selection_metric"] == "cv/val/iou_mean"
+    assert "metric.val/iou" not in newest.tags  # a CV mean is not a val-split number
 
 
 @pytest.mark.slow
-def test_drive_retrains_on_larger_patches_and_predicts_by_sliding_window(workdir, cli, monkeypatch):
+def test_recipes_are_compared_by_the_same_folds_in_one_command(workdir, cli, monkeypatch):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     root = write_drive(workdir / "DRIVE", ids=range(21, 27), size=(40, 36))
@@ -351,24 +392,158 @@ def test_drive_retrains_on_larger_patches_and_predicts_by_sliding_window(workdir
         train={"epochs": 1, "eval_protocol": "sliding-window", "eval_stride": 8},
         search_space={"batch_size": {"choices": [8]}},
         retrain={
+            "folds": 2,
             "epochs": 1,
-            "dataset_options": {"patch_size": 32, "patches_per_image": 5},
             "batch_scale": 0.25,
-            "eval_protocol": "sliding-window",
-            "eval_stride": 8,
+            "variants": {
+                "crop32": {
+                    "resolution": "crop",
+                    "dataset_options": {"patch_size": 32, "patches_per_image": 5},
+                    "eval_stride": 8,
+                }
+            },
         },
     )
     assert cli("search", "--config", study, "--trials", 1, "--study", "d").exit_code == 0
-    result = cli("retrain-best", "--folds", 2)
+    result = cli("retrain-best", "--recipe", "default,crop32")
     assert result.exit_code == 0, result.output
-    assert "trained at 32x32 patches" in result.output
-    (version,) = MlflowClient(uri, uri).search_model_versions("name='mapnet-drive'")
+    assert re.search(r"t0000: cv/val/iou_mean \S+ \+- \S+", result.output)
+    assert re.search(r"t0000-crop32: cv/val/iou_mean \S+ \+- \S+", result.output)
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name("d")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    folds = [r for r in runs if r.data.tags.get("mapnet_tune.role") == "retrain-fold"]
+    by_recipe = {}
+    for run in folds:
+        by_recipe.setdefault(run.data.tags["mapnet_tune.recipe"], set()).add(
+            run.data.params["held_out"]
+        )
+    # Both recipes are scored on the same held-out images.
+    assert set(by_recipe) == {"default", "crop32"} and by_recipe["default"] == by_recipe["crop32"]
+    (version,) = client.search_model_versions("name='mapnet-drive'")
     tags = version.tags
-    assert tags["train_resolution"] == "32x32 patches" and tags["eval_window"] == "32"
-    assert tags["eval_protocol"] == "sliding-window" and tags["batch_size"] == "2"
-    assert tags["trained_on"] == "train+val" and '"patch_size": 32' in tags["dataset.options"]
+    if tags["recipe"] == "crop32":
+        assert tags["train_resolution"] == "32x32 patches" and tags["batch_size"] == "2"
+        assert tags["evaluation"] == "sliding-window 32 px, stride 8"
+    else:
+        assert tags["train_resolution"] == "40x36 whole images"
+        assert tags["evaluation"] == "full-image"
+    assert tags["trained_on"] == "train+val"
 
     image = root / "training" / "images" / "21_training.tif"
     result = cli("predict", "--model", "models:/mapnet-drive@champion", image, "--out", "p")
     assert result.exit_code == 0, result.output
     assert Image.open(workdir / "p" / "21_training_mask.png").size == (36, 40)
+
+    unknown = cli("retrain-best", "--recipe", "crop64", "--force")
+    assert unknown.exit_code == 2 and "--recipe crop64 is not a recipe of" in unknown.output
+
+
+@pytest.mark.slow
+def test_changing_only_the_test_labels_changes_no_decision(
+    registry, registered_root, cli, monkeypatch
+):
+    """Two retrains from the same registry, one with every test label inverted."""
+    real_prepare = retrain.prepare
+
+    def inverted_test(*args, **kwargs):
+        data = real_prepare(*args, **kwargs)
+        test = data.splits["test"]
+        flipped = dataclasses.replace(test, masks=(1 - test.masks).astype(np.uint8))
+        return dataclasses.replace(data, splits={**data.splits, "test": flipped})
+
+    outputs, tags = [], []
+    for folder, patch in (("plain", False), ("inverted", True)):
+        here = registry / folder
+        here.mkdir()
+        for name in ("optuna.db", "mlflow.db"):
+            shutil.copy(registered_root / name, here / name)
+        monkeypatch.chdir(here)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{here / 'mlflow.db'}")
+        if patch:
+            monkeypatch.setattr(retrain, "prepare", inverted_test)
+        result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
+        assert result.exit_code == 0, result.output
+        outputs.append(
+            [
+                line
+                for line in result.output.splitlines()
+                if "cv/val/iou_mean" in line or "registered as" in line
+            ]
+        )
+        tags.append(_versions()[-1].tags)
+    # Every decision (the CV table, the chosen candidate, the champion gate) is the same.
+    assert outputs[0] == outputs[1] and any("champion" in line for line in outputs[0])
+    assert tags[0]["metric.cv/val/iou_mean"] == tags[1]["metric.cv/val/iou_mean"]
+    # ... while the test score, stored apart, did see the inverted labels.
+    assert tags[0]["metric.test/iou"] != tags[1]["metric.test/iou"]
+
+
+def test_the_shipped_drive_study_cross_validates_full_resolution_by_default():
+    drive = load_study(Path(retrain.__file__).parent / "studies" / "drive.yaml")
+    assert drive.retrain.folds == 5
+    default = drive.retrain.recipes["default"]
+    assert default.resolution == "full" and default.protocol == "full-image"
+    assert drive.retrain.recipes["crop256"].resolution == "crop"
+    isic = load_study(Path(retrain.__file__).parent / "studies" / "isic.yaml")
+    assert isic.retrain.recipes["default"].resolution == "full"
+
+
+@pytest.mark.slow
+@pytest.mark.drive
+def test_drive_retrains_whole_584x565_images_by_5_fold_cv(workdir, cli, monkeypatch):
+    root = drive_root()
+    if root is None:
+        pytest.skip("MAPNET_TUNE_DRIVE_ROOT is not set")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The shipped study, shrunk: a tiny model, few patches, one epoch; its retrain section
+    # keeps the shipped folds (5) and resolution (full).
+    shipped = yaml.safe_load(
+        (Path(retrain.__file__).parent / "studies" / "drive.yaml").read_text()
+    )
+    shipped["dataset"]["source"] = str(root)
+    shipped["dataset"]["options"].update(patches_per_image=4)
+    shipped["model"].update(width=0.0625)
+    shipped["train"] = {"epochs": 1, "eval_protocol": "full-image", "eval_batch_size": 2}
+    shipped["search_space"] = {"batch_size": {"choices": [64]}}
+    shipped["retrain"].update(epochs=1, val_every=1, eval_batch_size=2)
+    study = workdir / "drive.yaml"
+    study.write_text(yaml.safe_dump(shipped))
+    assert cli("search", "--config", study, "--trials", 1, "--study", "d").exit_code == 0
+    result = cli("retrain-best")
+    assert result.exit_code == 0, result.output
+    assert "5-fold cross-validated mean" in result.output
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name("d")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    folds = [r for r in runs if r.data.tags.get("mapnet_tune.role") == "retrain-fold"]
+    assert len(folds) == 5
+    held = [r.data.params["held_out"].split(",") for r in folds]
+    assert sorted(n for h in held for n in h) == [f"{i}_training" for i in range(21, 41)]
+    (version,) = client.search_model_versions("name='mapnet-drive'")
+    assert version.tags["train_resolution"] == "584x565 whole images"
+    assert version.tags["evaluation"] == "full-image"
+    assert version.tags["selection_metric"] == "cv/val/iou_mean"
+
+    image = root / "training" / "images" / "21_training.tif"
+    result = cli("predict", "--model", "models:/mapnet-drive@champion", image, "--out", "p")
+    assert result.exit_code == 0, result.output
+    assert Image.open(workdir / "p" / "21_training_mask.png").size == (565, 584)
+
+
+@pytest.mark.slow
+def test_status_shows_each_version_with_its_validation_and_its_single_test_score(registry, cli):
+    result = cli("status", "--study", REGISTERED_STUDY)
+    assert result.exit_code == 0, result.output
+    assert "registered mapnet-synthetic (decided on validation; test scored once):" in (
+        result.output
+    )
+    for version in _versions():
+        tags = version.tags
+        assert re.search(
+            rf"mapnet-synthetic version {version.version}\b.*: trial {tags['trial']}, "
+            rf"recipe default, val/iou {float(tags['metric.val/iou']):.4f}, "
+            rf"test/iou {float(tags['metric.test/iou']):.4f}",
+            result.output,
+        )

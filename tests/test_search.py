@@ -157,7 +157,7 @@ def test_status_of_unknown_study(workdir, cli):
     assert result.exit_code == 2 and "run mapnet-tune search first" in result.output
 
 
-def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monkeypatch):
+def _oom_when_batch_above_2(monkeypatch):
     # A CUDA out-of-memory error cannot be provoked on the CPU; raise it where the GPU would.
     from mapnet_tune import engine
 
@@ -169,16 +169,42 @@ def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monke
         return real_fit(model, train, val, settings, **kwargs)
 
     monkeypatch.setattr(engine, "fit", fit_that_runs_out_of_memory)
-    cfg = write_study(workdir / "oom.yaml")  # batch size 4
-    result = cli("search", "--config", cfg, "--trials", 1, "--study", "oom")
+
+
+def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monkeypatch):
+    _oom_when_batch_above_2(monkeypatch)
+    cfg = write_study(workdir / "oom.yaml", search_space={"batch_size": {"choices": [4, 2]}})
+    result = cli("search", "--config", cfg, "--trials", 1, "--study", "oom", "--enqueue",
+                 _enqueued(workdir, batch_size=4))
     assert result.exit_code == 0, result.output
     first, retry = _study("oom").trials
-    assert first.state == TrialState.FAIL
+    assert first.state == TrialState.FAIL and first.params["batch_size"] == 4
     assert "re-queued with batch size 2" in first.user_attrs["fail_reason"]
-    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    # The retry records the batch it ran with, so the sampler learns a true point.
+    assert retry.state == TrialState.COMPLETE and retry.params["batch_size"] == 2
+    assert {k: v for k, v in retry.params.items() if k != "batch_size"} == {
+        k: v for k, v in first.params.items() if k != "batch_size"}
     assert retry.user_attrs["retry_of"] == 0
     run = MlflowClient("sqlite:///mlflow.db").get_run(retry.user_attrs["mlflow_run_id"])
     assert run.data.params["hp.batch_size"] == "2"
+
+
+def test_a_study_whose_trials_all_fail_stops_and_says_why(workdir, cli, monkeypatch):
+    _oom_when_batch_above_2(monkeypatch)
+    cfg = write_study(workdir / "oom.yaml")  # batch size 4 only: half is outside the space
+    result = cli("search", "--config", cfg, "--trials", 2, "--study", "oom")
+    assert result.exit_code == 2
+    assert "half the batch (2) is outside the search space of batch_size" in result.output
+    assert "the last 5 trials failed" in result.output and "Traceback" not in result.output
+    trials = _study("oom").trials
+    assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
+
+
+def _enqueued(workdir, **params) -> str:
+    path = workdir / "first.yaml"
+    path.write_text(yaml.safe_dump({"trials": [{"params": {
+        "lr": 2e-3, "pos_weight": 2.0, "flip_p": 0.1, "hue_shift": 3, **params}}]}))
+    return str(path)
 
 
 def test_missing_dataset_source_writes_nothing(workdir, cli):

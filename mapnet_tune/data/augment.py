@@ -25,7 +25,7 @@ def build_augment(params: Mapping[str, float], channels: int, seed: int) -> Augm
         seed: Seeds albumentations so a trial's augmentation stream is reproducible.
 
     Returns:
-        A function ``(image CHW float32, mask 1HW uint8) -> (image, mask)`` or None.
+        A function ``(image CHW float32, masks KHW) -> (image, masks)`` or None.
     """
     transforms: list[A.BasicTransform] = []
     if params.get("flip_p", 0) > 0:
@@ -47,11 +47,12 @@ def build_augment(params: Mapping[str, float], channels: int, seed: int) -> Augm
     pipeline = A.Compose(transforms, seed=seed)
 
     def augment(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # albumentations works on HWC; the model's arrays are CHW.
-        out = pipeline(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask[0])
+        # albumentations works on HWC; the model's arrays are CHW. Each mask channel (the
+        # target, and the valid pixels of a padded whole image) moves with the image.
+        out = pipeline(image=np.ascontiguousarray(image.transpose(1, 2, 0)), masks=list(mask))
         img = out["image"]
         img = img[:, :, None] if img.ndim == 2 else img
-        return np.clip(img, 0.0, 1.0).transpose(2, 0, 1), out["mask"][None]
+        return np.clip(img, 0.0, 1.0).transpose(2, 0, 1), np.stack(out["masks"])
 
     return augment
 
