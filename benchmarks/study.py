@@ -1,6 +1,6 @@
 """Study efficiency: a short real Optuna study, timed end to end, and a bf16-vs-fp32 check.
 
-The study runs through ``mapnet_tune.search.run_search`` exactly as ``mapnet-tune search``
+The study runs through ``mapnet_tune.study.worker.run_search`` exactly as ``mapnet-tune search``
 does, from a shrunken copy of a study file (fewer epochs, capped steps, optionally a narrower
 model and a coarser validation stride), in a working directory with the embedded stores:
 Optuna on ``sqlite:///optuna.db`` and MLflow on ``sqlite:///mlflow.db`` with ``./mlruns``.
@@ -45,7 +45,8 @@ from mapnet_tune import engine
 from mapnet_tune.config import StudyConfig, load_study, read_yaml
 from mapnet_tune.data import prepare
 from mapnet_tune.recipe import build_model, search_settings
-from mapnet_tune.search import SearchRequest, run_search
+from mapnet_tune.study.request import SearchRequest
+from mapnet_tune.study.worker import run_search
 from mapnet_tune.tracking import Tracker
 
 REPO = Path(__file__).resolve().parent.parent

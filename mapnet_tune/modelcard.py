@@ -1,4 +1,4 @@
-"""The model card: the typed record of a trained model, and the names it is filed under.
+"""The model card: the typed record of a trained model.
 
 retrain-best writes a card into every checkpoint and onto every registered version (as tags
 and a Markdown description); predict, evaluate and report read it back. Nothing reads a
@@ -13,19 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mapnet_tune.engine import Evaluation
-
-#: Aliases of the registered model: the newest version, and the one the gate chose.
-CHAMPION, CHALLENGER = "champion", "challenger"
-#: Where a registered version's run keeps its checkpoint and its held-out ROC points.
-CHECKPOINT_ARTIFACT = "checkpoint/mapnet.pt"
-ROC_ARTIFACT = "evaluation/roc.json"
-#: Tag prefix of the metrics on a registered version: ``metric.cv/val/iou_mean``.
-METRIC_TAG = "metric."
-
-
-def model_name(dataset: str) -> str:
-    """The registered model of a dataset: ``mapnet-drive``."""
-    return f"mapnet-{dataset}"
+from mapnet_tune.names import FINGERPRINT_TAG, GIT_TAG, METRIC_TAG
 
 
 @dataclass(frozen=True)
@@ -107,12 +95,12 @@ class ModelCard:
             "trial": str(self.trial),
             "recipe": self.recipe,
             "dataset": self.dataset,
-            "dataset.fingerprint": self.fingerprint,
+            FINGERPRINT_TAG: self.fingerprint,
             "dataset.options": json.dumps(self.dataset_options, sort_keys=True),
             "preprocessing": json.dumps(
                 {k: v for k, v in self.preprocessing.items() if k != "notes"}, sort_keys=True
             ),
-            "git.sha": self.git_sha,
+            GIT_TAG: self.git_sha,
             "trained_on": self.trained_on,
             "train_resolution": self.training,
             "epochs": str(self.epochs),

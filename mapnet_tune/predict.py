@@ -22,7 +22,8 @@ from mapnet_tune import checkpoint, engine
 from mapnet_tune.data import preprocess_images, read_image
 from mapnet_tune.errors import UserError
 from mapnet_tune.model import MAPNet
-from mapnet_tune.modelcard import CHECKPOINT_ARTIFACT, ModelCard
+from mapnet_tune.modelcard import ModelCard
+from mapnet_tune.names import CHECKPOINT_ARTIFACT
 
 
 def load_model(ref: str, tracking_uri: str | None = None) -> tuple[MAPNet, ModelCard, str]:

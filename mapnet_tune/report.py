@@ -30,14 +30,18 @@ from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from mapnet_tune.errors import UserError  # noqa: E402
 from mapnet_tune.metrics import legacy_lung_columns  # noqa: E402
-from mapnet_tune.modelcard import (  # noqa: E402
+from mapnet_tune.modelcard import tagged_metrics  # noqa: E402
+from mapnet_tune.names import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
+    GIT_TAG,
     ROC_ARTIFACT,
+    ROLE_TAG,
+    STUDY_TAG,
     model_name,
-    tagged_metrics,
 )
-from mapnet_tune.search import load_existing_study, ranked_trials, trials_table  # noqa: E402
+from mapnet_tune.storage import load_existing_study, ranked_trials  # noqa: E402
+from mapnet_tune.study.summary import trials_table  # noqa: E402
 from mapnet_tune.tracking import (  # noqa: E402
     ModelVersionInfo,
     Tracker,
@@ -330,9 +334,8 @@ def _log(tracker: Tracker, study: optuna.Study, files: list[Path]) -> None:
     run_id = tracker.create_run(
         experiment,
         f"{dataset}-report",
-        {"optuna.study": study.study_name, "mapnet_tune.role": "report", "git.sha": git_sha()},
+        {STUDY_TAG: study.study_name, ROLE_TAG: "report", GIT_TAG: git_sha()},
     )
     for path in files:
         tracker.log_file(run_id, path, "report")
     tracker.end_run(run_id, "FINISHED")
-

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-from pathlib import Path
 
 import mlflow.pytorch
 import numpy as np
@@ -18,14 +17,14 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from mapnet_tune import engine, retrain
-from mapnet_tune.config import load_study, parse_study
+from mapnet_tune import engine
+from mapnet_tune.config import STUDIES_DIR, load_study, parse_study
 from mapnet_tune.data import Split, prepare
 from mapnet_tune.data.splits import concat, take
 from mapnet_tune.errors import UserError
 from mapnet_tune.model import MAPNet
 from mapnet_tune.predict import load_model
-from mapnet_tune.retrain import RetrainRequest, decide_champion, retrain_best
+from mapnet_tune.retrain import RetrainRequest, decide_champion, plan, retrain_best
 from mapnet_tune.tracking import ModelVersionInfo, Tracker
 from tests.conftest import (
     REGISTERED_STUDY,
@@ -444,7 +443,7 @@ def test_changing_only_the_test_labels_changes_no_decision(
     registry, registered_root, cli, monkeypatch
 ):
     """Two retrains from the same registry, one with every test label inverted."""
-    real_prepare = retrain.prepare
+    real_prepare = plan.prepare
 
     def inverted_test(*args, **kwargs):
         data = real_prepare(*args, **kwargs)
@@ -461,7 +460,7 @@ def test_changing_only_the_test_labels_changes_no_decision(
         monkeypatch.chdir(here)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{here / 'mlflow.db'}")
         if patch:
-            monkeypatch.setattr(retrain, "prepare", inverted_test)
+            monkeypatch.setattr(plan, "prepare", inverted_test)
         result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
         assert result.exit_code == 0, result.output
         outputs.append(
@@ -480,12 +479,12 @@ def test_changing_only_the_test_labels_changes_no_decision(
 
 
 def test_the_shipped_drive_study_cross_validates_full_resolution_by_default():
-    drive = load_study(Path(retrain.__file__).parent / "studies" / "drive.yaml")
+    drive = load_study(STUDIES_DIR / "drive.yaml")
     assert drive.retrain.folds == 5
     default = drive.retrain.recipes["default"]
     assert default.resolution == "full" and default.protocol == "full-image"
     assert drive.retrain.recipes["crop256"].resolution == "crop"
-    isic = load_study(Path(retrain.__file__).parent / "studies" / "isic.yaml")
+    isic = load_study(STUDIES_DIR / "isic.yaml")
     assert isic.retrain.recipes["default"].resolution == "full"
 
 
@@ -500,7 +499,7 @@ def test_drive_retrains_whole_584x565_images_by_5_fold_cv(workdir, cli, monkeypa
     # The shipped study, shrunk: a tiny model, few patches, one epoch; its retrain section
     # keeps the shipped folds (5) and resolution (full).
     shipped = yaml.safe_load(
-        (Path(retrain.__file__).parent / "studies" / "drive.yaml").read_text()
+        (STUDIES_DIR / "drive.yaml").read_text()
     )
     shipped["dataset"]["source"] = str(root)
     shipped["dataset"]["options"].update(patches_per_image=4)

@@ -26,7 +26,8 @@ import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from mapnet_tune.search import PARENT_ATTR, is_surplus
+from mapnet_tune.names import PARENT_ATTR
+from mapnet_tune.storage import is_surplus
 from tests.conftest import write_study
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

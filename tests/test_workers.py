@@ -11,8 +11,11 @@ from optuna.trial import TrialState
 
 from mapnet_tune.cli import main
 from mapnet_tune.config import load_study
-from mapnet_tune.search import SearchRequest, SurplusTrial, claim_slot, is_surplus, trials_table
-from mapnet_tune.workers import worker_specs
+from mapnet_tune.storage import is_surplus
+from mapnet_tune.study.launcher import worker_specs
+from mapnet_tune.study.recovery import SurplusTrial, claim_slot
+from mapnet_tune.study.request import SearchRequest
+from mapnet_tune.study.summary import trials_table
 from tests.conftest import write_study
 
 STORAGE = "postgresql+psycopg2://optuna:s3cret@db.internal:5432/optuna"

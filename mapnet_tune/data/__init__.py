@@ -21,6 +21,7 @@ from mapnet_tune.data.base import Loader, PreparedDataset, Split
 from mapnet_tune.data.io import read_image
 from mapnet_tune.data.options import resolve
 from mapnet_tune.errors import UserError
+from mapnet_tune.settings import default_cache_dir
 
 __all__ = [
     "DATASETS",
@@ -89,7 +90,7 @@ def prepare(
     started = time.perf_counter()
     loader = get_loader(name)
     resolved = resolve(name, loader.options, options)
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if source is None:
         source = _remembered_sources(cache_dir).get(name)
     root = Path(source).expanduser() if source is not None else None
@@ -122,7 +123,7 @@ def _remembered_sources(cache_dir: Path) -> dict[str, str]:
 
 def remember_source(name: str, source: str | Path, cache_dir: Path | None = None) -> None:
     """Record where a dataset was prepared from, so later commands need no ``--source``."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     sources = _remembered_sources(cache_dir)
     sources[name] = str(Path(source).expanduser().resolve())
     cache_dir.mkdir(parents=True, exist_ok=True)

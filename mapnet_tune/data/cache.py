@@ -36,10 +36,6 @@ EDGE_BYTES = 1 << 20
 _EXTRA_PREFIX = "extra__"
 
 
-def default_cache_dir() -> Path:
-    """$MAPNET_TUNE_CACHE, or ./.mapnet-tune/cache."""
-    return Path(os.environ.get("MAPNET_TUNE_CACHE") or Path(".mapnet-tune") / "cache")
-
 
 def file_digest(path: Path) -> str:
     """sha256 of the file's bytes (or of its size, mtime and edges when it is large)."""

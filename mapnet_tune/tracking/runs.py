@@ -1,8 +1,9 @@
-"""Everything that talks to MLflow. No other module imports mlflow.
+"""Runs on an MLflow tracking store: reachability, outages, runs, metrics, artifacts, the UI.
 
 Runs are addressed by id through ``MlflowClient`` rather than MLflow's global "active run",
 so one process can hold a study's parent run and a trial's child run at once, and several
-worker processes can share one experiment.
+worker processes can share one experiment. MLflow's environment defaults are set by the
+package's ``__init__``, which runs before this module imports mlflow.
 """
 
 from __future__ import annotations
@@ -16,39 +17,26 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import mlflow
 import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from mapnet_tune.errors import UserError, redact_url
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-# MLflow prints a link to stdout for every run ended on a server; the table has the ids.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mapnet_tune.settings import resolve_tracking_uri
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 # The HTTP client logs each retry of a failed request; an outage gets one line of our own.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-PARENT_ROLE = "study"
 # MLflow caps a param value at 6000 characters; ours are short, but fail loudly, not silently.
 _MAX_PARAM = 6000
 # How long writes are dropped without trying after the tracking server was found unreachable.
 _RETRY_S = 15.0
 
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store in the cwd."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def store_exists(uri: str | None) -> bool:
@@ -66,8 +54,8 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
-class Tracker:
-    """A study's view of one MLflow tracking store.
+class RunTracker:
+    """A study's view of one MLflow tracking store: its runs (see :class:`Tracker`).
 
     Args:
         tracking_uri: An ``http(s)://`` server or a database URI; see
@@ -107,7 +95,8 @@ class Tracker:
             raise UserError(
                 f"MLflow tracking server {redact_url(self.uri)} refused the credentials; "
                 f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account it "
-                f"knows") from None
+                f"knows"
+            ) from None
 
     def outage(self) -> str | None:
         """Why the tracking server does not answer its health check, or None when it does.
@@ -141,8 +130,10 @@ class Tracker:
             if reason is None:
                 raise
             if self._down_since is None:
-                _warn(f"MLflow tracking server {redact_url(self.uri)} is unreachable "
-                      f"({reason}); logging is skipped until it returns, training goes on")
+                _warn(
+                    f"MLflow tracking server {redact_url(self.uri)} is unreachable "
+                    f"({reason}); logging is skipped until it returns, training goes on"
+                )
             self._down_since = time.monotonic()
             return
         if self._down_since is not None:
@@ -165,8 +156,13 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def create_run(self, experiment_id: str, name: str, tags: Mapping[str, str],
-                   parent_run_id: str | None = None) -> str:
+    def create_run(
+        self,
+        experiment_id: str,
+        name: str,
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+    ) -> str:
         """Start a run and return its id; a child when ``parent_run_id`` is given."""
         all_tags = dict(tags)
         if parent_run_id:
@@ -182,7 +178,7 @@ class Tracker:
         """Log parameters; values become strings as MLflow stores them."""
         items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self._write(lambda i=i: self.client.log_batch(run_id, params=items[i:i + 100]))
+            self._write(lambda i=i: self.client.log_batch(run_id, params=items[i : i + 100]))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set tags on a run."""
@@ -192,8 +188,11 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log one step of metrics (NaN values are skipped: MLflow plots them badly)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and np.isfinite(v)]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
+        ]
         if items:
             self._write(lambda: self.client.log_batch(run_id, metrics=items))
 
@@ -222,8 +221,10 @@ class Tracker:
         if self._down_since is None or time.monotonic() - self._down_since >= _RETRY_S:
             self.flush_pending()
         if run_id in self._pending:
-            _warn(f"MLflow run {run_id} stays RUNNING while the tracking server is unreachable; "
-                  f"it is marked {status} when the server returns")
+            _warn(
+                f"MLflow run {run_id} stays RUNNING while the tracking server is unreachable; "
+                f"it is marked {status} when the server returns"
+            )
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a finished run RUNNING again (a study's parent run when the study resumes)."""
@@ -265,150 +266,6 @@ class Tracker:
         monitor.start()
         return monitor
 
-    # The model registry.
-
-    def log_pytorch_model(self, run_id: str, model: Any, input_example: np.ndarray,
-                          pip_requirements: list[str]) -> tuple[str, str]:
-        """Log a CPU model with the ``mlflow.pytorch`` flavour under the run.
-
-        The pickle format is used because the default pt2 graph is fixed to the example's
-        input size, while MAP-Net serves any size; mapnet-tune itself loads the weights-only
-        checkpoint logged next to it, never this pickle.
-
-        Args:
-            run_id: The run that produced the model.
-            model: A ``torch.nn.Module`` on the CPU in eval mode.
-            input_example: A float32 (1, C, H, W) input; the signature comes from it and the
-                model's output, so MLflow does not run its own inference.
-            pip_requirements: Pinned requirements recorded with the model.
-
-        Returns:
-            (model URI, logged model id).
-        """
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        with (self._global_store(), _quiet("mlflow.pytorch"),
-              mlflow.start_run(run_id=run_id)):
-            info = mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example,
-                signature=infer_signature(input_example, output),
-                pip_requirements=pip_requirements, serialization_format="pickle")
-        return info.model_uri, info.model_id
-
-    @contextlib.contextmanager
-    def _global_store(self) -> Iterator[None]:
-        """Point MLflow's process-wide tracking URI at this store for a block.
-
-        ``log_model`` logs to the global "active run", and registering a logged model looks
-        it up through the global URI. Setting it also writes ``$MLFLOW_TRACKING_URI``, so
-        both are put back afterwards: later Trackers resolve their store as before.
-        """
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(None)  # clears the global and the variable
-            if previous is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = previous
-
-    def register_version(self, name: str, model_uri: str, model_id: str, run_id: str,
-                         tags: Mapping[str, Any]) -> str:
-        """Register a logged model as a new version of ``name`` (created if missing).
-
-        Returns:
-            The new version number.
-        """
-        try:
-            self.client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            self.client.create_registered_model(name, tags={"mapnet_tune.kind": "mapnet"})
-        with self._global_store():
-            version = self.client.create_model_version(
-                name, model_uri, run_id=run_id, model_id=model_id,
-                tags={k: str(v) for k, v in tags.items()})
-        return str(version.version)
-
-    def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
-        """Set (or overwrite) tags of a model version."""
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, str(value))
-
-    def set_version_description(self, name: str, version: str, text: str) -> None:
-        """The Markdown a model version's page shows first."""
-        self.client.update_model_version(name, version, description=text)
-
-    def delete_version(self, name: str, version: str) -> None:
-        """Remove a model version (and with it any alias pointing at it)."""
-        self.client.delete_model_version(name, version)
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point ``alias`` of registered model ``name`` at ``version``."""
-        self.client.set_registered_model_alias(name, alias, version)
-
-    def versions(self, name: str) -> list[ModelVersionInfo]:
-        """Every version of a registered model, oldest first; empty when it does not exist."""
-        found = self.client.search_model_versions(f"name='{name}'")
-        aliases = self._aliases(name) if found else {}
-        return sorted((_version_info(v, aliases) for v in found), key=lambda v: int(v.version))
-
-    def version_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
-        """The version an alias points at, or None when the model or alias does not exist."""
-        version = self._aliases(name).get(alias)
-        return None if version is None else self.model_version(name, version)
-
-    def model_version(self, name: str, version: str) -> ModelVersionInfo:
-        """One version of a registered model."""
-        return _version_info(self.client.get_model_version(name, version), self._aliases(name))
-
-    def resolve_model(self, uri: str) -> ModelVersionInfo:
-        """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names.
-
-        Raises:
-            UserError: For a malformed URI, or an unknown model, alias or version (the message
-                lists what exists).
-        """
-        name, alias, version = parse_model_uri(uri)
-        names = [m.name for m in self.client.search_registered_models(max_results=1000)]
-        if name not in names:
-            raise UserError(f"no registered model '{name}' in {redact_url(self.uri)}; "
-                            f"registered models: {', '.join(sorted(names)) or '(none)'}; "
-                            f"run `mapnet-tune retrain-best` or pass --tracking-uri")
-        if alias is not None:
-            aliases = self._aliases(name)
-            if alias not in aliases:
-                listed = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items()))
-                raise UserError(f"model '{name}' has no alias '{alias}'; its aliases: "
-                                f"{listed or '(none)'}")
-            version = aliases[alias]
-        known = [v.version for v in self.versions(name)]
-        if version not in known:
-            raise UserError(f"model '{name}' has no version {version}; its versions: "
-                            f"{', '.join(known) or '(none)'}")
-        return self.model_version(name, version)
-
-    def _aliases(self, name: str) -> dict[str, str]:
-        try:
-            model = self.client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return {}
-            raise
-        return {alias: str(version) for alias, version in model.aliases.items()}
-
-    def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
-        """Download one artifact of a run into ``dst``; None when the run does not have it."""
-        try:
-            return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
-        except (mlflow.exceptions.MlflowException, OSError):
-            return None
-
     def ui_command(self) -> str:
         """The command a person runs to browse this store."""
         if self.uri.startswith(("http://", "https://")):
@@ -421,8 +278,20 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             raise UserError(f"{self.uri} is already a tracking server; open it in a browser")
         # The interpreter running us has mlflow; its `mlflow` script need not be on PATH.
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.uri,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
         sys.stdout.flush()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         os.execve(sys.executable, cmd, env)
@@ -431,58 +300,21 @@ class Tracker:
 def git_sha() -> str:
     """The commit of the code that runs, or 'unknown' outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-@dataclass(frozen=True)
-class ModelVersionInfo:
-    """One registered model version: where it came from and what it is tagged with."""
-
-    name: str
-    version: str
-    run_id: str
-    tags: dict[str, str] = field(default_factory=dict)
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        """``name version N (@alias, ...)`` for messages."""
-        marks = f" (@{', @'.join(self.aliases)})" if self.aliases else ""
-        return f"{self.name} version {self.version}{marks}"
-
-
-def _version_info(version: Any, aliases: Mapping[str, str]) -> ModelVersionInfo:
-    number = str(version.version)
-    return ModelVersionInfo(name=version.name, version=number, run_id=version.run_id or "",
-                            tags=dict(version.tags or {}),
-                            aliases=tuple(sorted(a for a, v in aliases.items() if v == number)))
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
-
-    Raises:
-        UserError: When the URI has neither form.
-    """
-    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
-    if body and "@" in body and "/" not in body:
-        name, alias = body.split("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif body and body.count("/") == 1:
-        name, version = body.split("/")
-        if name and version.isdigit():
-            return name, None, version
-    raise UserError(f"model URI '{uri}' must look like models:/mapnet-drive@champion or "
-                    f"models:/mapnet-drive/3")
-
-
 @contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
+def quiet(logger: str) -> Iterator[None]:
     """Raise one logger's level to ERROR for the duration of a block."""
     log = logging.getLogger(logger)
     level = log.level

@@ -19,8 +19,10 @@ from pathlib import Path
 import optuna
 
 from mapnet_tune.errors import UserError
-from mapnet_tune.search import SearchRequest, load_existing_study, open_storage
-from mapnet_tune.tracking import Tracker, resolve_tracking_uri
+from mapnet_tune.settings import resolve_tracking_uri
+from mapnet_tune.storage import load_existing_study, open_storage
+from mapnet_tune.study.request import SearchRequest
+from mapnet_tune.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ def parse_gpus(text: str) -> list[str]:
     """
     gpus = [g.strip() for g in text.split(",")]
     if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
-        raise UserError(f"--gpus '{text}' must list distinct GPU indices, e.g. --gpus 0,1,2,3 "
-                        f"(see nvidia-smi for the indices)")
+        raise UserError(
+            f"--gpus '{text}' must list distinct GPU indices, e.g. --gpus 0,1,2,3 "
+            f"(see nvidia-smi for the indices)"
+        )
     return gpus
 
 
@@ -51,16 +55,22 @@ def check_shared_stores(req: SearchRequest) -> None:
     Raises:
         UserError: For an SQLite Optuna storage or MLflow store.
     """
-    why = ("several worker processes write to it at once, and SQLite locks the whole file "
-           "for each write, so workers stall and fail with 'database is locked'")
+    why = (
+        "several worker processes write to it at once, and SQLite locks the whole file "
+        "for each write, so workers stall and fail with 'database is locked'"
+    )
     if req.storage.startswith("sqlite"):
-        raise UserError(f"--gpus needs a shared Optuna storage, not SQLite: {why}; start "
-                        f"PostgreSQL (docker compose up -d postgres, see docs/deploy.md) and pass "
-                        f"--storage postgresql+psycopg2://USER@HOST/DB or set MAPNET_TUNE_STORAGE")
+        raise UserError(
+            f"--gpus needs a shared Optuna storage, not SQLite: {why}; start "
+            f"PostgreSQL (docker compose up -d postgres, see docs/deploy.md) and pass "
+            f"--storage postgresql+psycopg2://USER@HOST/DB or set MAPNET_TUNE_STORAGE"
+        )
     if resolve_tracking_uri(req.tracking_uri).startswith("sqlite"):
-        raise UserError(f"--gpus needs an MLflow tracking server, not SQLite: {why}; start one "
-                        f"(docker compose up -d mlflow, see docs/deploy.md) and pass "
-                        f"--tracking-uri http://HOST:5000 or set MLFLOW_TRACKING_URI")
+        raise UserError(
+            f"--gpus needs an MLflow tracking server, not SQLite: {why}; start one "
+            f"(docker compose up -d mlflow, see docs/deploy.md) and pass "
+            f"--tracking-uri http://HOST:5000 or set MLFLOW_TRACKING_URI"
+        )
 
 
 def worker_specs(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> list[WorkerSpec]:
@@ -70,16 +80,30 @@ def worker_specs(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> list[
     in the environment, not on the command line, where other users of the machine could
     read any password in them.
     """
-    base = [sys.executable, "-m", "mapnet_tune.cli", "search",
-            "--config", str(Path(req.study.path).resolve()), "--study", req.study_name,
-            "--trials", str(req.trials), "--heartbeat-interval", str(req.heartbeat_s),
-            "--grace-period", str(req.grace_s)]
+    base = [
+        sys.executable,
+        "-m",
+        "mapnet_tune.cli",
+        "search",
+        "--config",
+        str(Path(req.study.path).resolve()),
+        "--study",
+        req.study_name,
+        "--trials",
+        str(req.trials),
+        "--heartbeat-interval",
+        str(req.heartbeat_s),
+        "--grace-period",
+        str(req.grace_s),
+    ]
     if req.timeout_s is not None:
         base += ["--timeout", f"{req.timeout_s:g}s"]
     if req.source is not None:
         base += ["--source", str(Path(req.source).resolve())]
-    env = {"MAPNET_TUNE_STORAGE": req.storage,
-           "MLFLOW_TRACKING_URI": resolve_tracking_uri(req.tracking_uri)}
+    env = {
+        "MAPNET_TUNE_STORAGE": req.storage,
+        "MLFLOW_TRACKING_URI": resolve_tracking_uri(req.tracking_uri),
+    }
     specs = []
     for gpu in gpus:
         for _ in range(per_gpu):
@@ -103,8 +127,9 @@ def run_workers(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> optuna
         KeyboardInterrupt: After the workers stopped on Ctrl-C or SIGTERM.
     """
     if req.device is not None:
-        raise UserError("--device does not go with --gpus, which pins each worker to its GPU; "
-                        "drop --device")
+        raise UserError(
+            "--device does not go with --gpus, which pins each worker to its GPU; drop --device"
+        )
     check_shared_stores(req)
     Tracker(req.tracking_uri).check_reachable()
     open_storage(req.storage, heartbeat=False)
@@ -122,8 +147,14 @@ def run_workers(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> optuna
     try:
         for spec in specs:
             # Each worker prints its own progress on stderr; the launcher prints the table.
-            procs.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env},
-                                          stdout=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    spec.argv,
+                    env={**os.environ, **spec.env},
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         codes = [proc.wait() for proc in procs]
     finally:
         for proc in procs:
@@ -137,6 +168,7 @@ def run_workers(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> optuna
     failed = [(spec, code) for spec, code in zip(specs, codes, strict=True) if code != 0]
     if failed:
         listed = ", ".join(f"GPU {spec.gpu} (status {code})" for spec, code in failed)
-        raise UserError(f"{len(failed)} of {len(specs)} workers failed: {listed}; their "
-                        f"messages are above")
+        raise UserError(
+            f"{len(failed)} of {len(specs)} workers failed: {listed}; their messages are above"
+        )
     return load_existing_study(req.storage, req.study_name)

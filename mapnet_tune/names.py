@@ -1,0 +1,51 @@
+"""The names that tie Optuna, MLflow and the registry together, spelled in one place.
+
+Trial and run point at each other (trial user attribute ``mlflow_run_id``; run tags
+``optuna.study``, ``optuna.trial``), runs carry their role, and registered models, aliases and
+artifacts have fixed names that predict, evaluate and report look up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Run tags.
+STUDY_TAG = "optuna.study"
+TRIAL_TAG = "optuna.trial"
+STORAGE_TAG = "optuna.storage"
+ROLE_TAG = "mapnet_tune.role"
+RECIPE_TAG = "mapnet_tune.recipe"
+FOLD_TAG = "mapnet_tune.fold"
+SEARCH_RUN_TAG = "mapnet_tune.search_run"
+OVERLAY_EPOCH_TAG = "mapnet_tune.overlay_epoch"
+GIT_TAG = "git.sha"
+FINGERPRINT_TAG = "dataset.fingerprint"
+#: Trial user attribute holding its MLflow run id; study user attribute holding the parent's.
+RUN_ID_ATTR = "mlflow_run_id"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+#: Aliases of the registered model: the newest version, and the one the gate chose.
+CHAMPION, CHALLENGER = "champion", "challenger"
+#: Where a registered version's run keeps its checkpoint and its held-out ROC points.
+CHECKPOINT_ARTIFACT = "checkpoint/mapnet.pt"
+ROC_ARTIFACT = "evaluation/roc.json"
+#: Where a trial's run keeps the overlays of its best epoch.
+OVERLAY_ARTIFACT = "overlays/best_epoch.png"
+#: Tag prefix of the metrics on a registered version: ``metric.cv/val/iou_mean``.
+METRIC_TAG = "metric."
+
+
+def model_name(dataset: str) -> str:
+    """The registered model of a dataset: ``mapnet-drive``."""
+    return f"mapnet-{dataset}"
+
+
+def trial_tag(number: int) -> str:
+    """``t0007``: how trials are named in run names, tables and messages."""
+    return f"t{number:04d}"
+
+
+def params_for_log(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampled parameters with the ``hp.`` prefix used in MLflow."""
+    return {f"hp.{k}": v for k, v in params.items()}

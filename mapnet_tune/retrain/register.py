@@ -1,0 +1,159 @@
+"""retrain-best, last step: log and register a model, and the champion gate.
+
+The newest registered version becomes the ``challenger``; the ``champion`` alias moves only
+to a version with a better validation value (read from the version's tags). A version whose
+tags or aliases could not be set is deleted again, so the registry never holds half a model.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mapnet_tune import checkpoint, engine
+from mapnet_tune.data import PreparedDataset
+from mapnet_tune.modelcard import ModelCard, tagged_metrics
+from mapnet_tune.names import CHALLENGER, CHAMPION, CHECKPOINT_ARTIFACT
+from mapnet_tune.recipe import describe_training
+from mapnet_tune.retrain.plan import Candidate, Plan, final_train
+from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
+
+#: Side of the input example logged with the model (a multiple of 16).
+EXAMPLE_SIDE = 64
+
+
+def register(tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard) -> tuple[str, str]:
+    """Log the CPU model and its checkpoint, register a version, set the aliases.
+
+    The champion gate reads validation values only. A version whose tags or aliases could
+    not be set is deleted again.
+    """
+    model = engine.clone_model(cand.model).eval()
+    log_checkpoint(tracker, cand.run_id, model, card)
+    uri, model_id = tracker.log_pytorch_model(
+        cand.run_id, model, _example(cand.data), _requirements()
+    )
+    version = None
+    try:
+        version = tracker.register_version(plan.model_name, uri, model_id, cand.run_id, card.tags())
+        tracker.set_version_description(
+            plan.model_name, version, card.markdown(predict_command(plan, version))
+        )
+        tracker.set_alias(plan.model_name, CHALLENGER, version)
+        champion = tracker.version_by_alias(plan.model_name, CHAMPION)
+        moves, decision = decide_champion(
+            version, card.selection_value, champion, plan.selection, plan.maximize
+        )
+        if moves:
+            tracker.set_alias(plan.model_name, CHAMPION, version)
+    except BaseException:
+        if version is not None:
+            tracker.delete_version(plan.model_name, version)
+        raise
+    return version, decision
+
+
+def log_checkpoint(tracker: Tracker, run_id: str, model: torch.nn.Module, card: ModelCard) -> None:
+    """The checkpoint with its card, and the bare weights for users without mapnet-tune."""
+    folder = str(Path(CHECKPOINT_ARTIFACT).parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint.save(Path(tmp) / Path(CHECKPOINT_ARTIFACT).name, model, card)
+        tracker.log_file(run_id, path, folder)
+        torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
+        tracker.log_file(run_id, Path(tmp) / "state_dict.pt", folder)
+
+
+def predict_command(plan: Plan, version: str) -> str:
+    return f"mapnet-tune predict --model models:/{plan.model_name}/{version} IMAGES... --out DIR"
+
+
+def decide_champion(
+    version: str, value: float, champion: ModelVersionInfo | None, metric: str, maximize: bool
+) -> tuple[bool, str]:
+    """Whether the champion alias moves to a new version, and why, in words.
+
+    The champion's value is read from its ``metric.<name>`` tag. Ties keep the champion.
+
+    Args:
+        version: The new version.
+        value: Its selection metric (a validation value).
+        champion: The current champion, if any.
+        metric: The selection metric, e.g. ``cv/val/iou_mean``.
+        maximize: Whether larger is better.
+
+    Returns:
+        (moves, e.g. "champion moves to version 3 (val/iou 0.8123 > 0.8011 of version 2)").
+    """
+    moves, stays = f"champion moves to version {version}", "champion stays version"
+    if champion is None:
+        return True, f"{moves} (the first champion; {metric} {value:.4f})"
+    if not math.isfinite(value):
+        return False, f"{stays} {champion.version} (version {version} has no finite {metric})"
+    held = tagged_metrics(champion.tags).get(metric, math.nan)
+    if not math.isfinite(held):
+        return True, (
+            f"{moves} (version {champion.version} has no {metric} to compare; "
+            f"version {version} has {value:.4f})"
+        )
+    if value > held if maximize else value < held:
+        sign = ">" if maximize else "<"
+        return True, (
+            f"{moves} ({metric} {value:.4f} {sign} {held:.4f} of version {champion.version})"
+        )
+    sign = ">=" if maximize else "<="
+    return False, (
+        f"{stays} {champion.version} ({metric} {held:.4f} {sign} {value:.4f} of version {version})"
+    )
+
+
+def _example(data: PreparedDataset) -> np.ndarray:
+    """A (1, C, S, S) input example: the centre of a training image, S a multiple of 16."""
+    image = data.splits["train"].images[0]
+    _, height, width = image.shape
+    side = min(EXAMPLE_SIDE, height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = image[:, top : top + side, left : left + side]
+    padded = max(32, -(-side // 16) * 16)
+    return np.pad(crop, ((0, 0), (0, padded - side), (0, padded - side)))[None].copy()
+
+
+def _requirements() -> list[str]:
+    """Pins for the logged model: the pickle needs this package and the same torch."""
+    pins = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    try:
+        pins.append(f"mapnet-tune=={importlib.metadata.version('mapnet-tune')}")
+    except importlib.metadata.PackageNotFoundError:
+        pins.append("mapnet-tune")
+    return pins
+
+
+def make_card(plan: Plan, cand: Candidate) -> ModelCard:
+    """The model card of a candidate about to be registered (its test score comes later)."""
+    rt = cand.retraining
+    train = rt.training_view(final_train(plan, cand.data))
+    return ModelCard(
+        dataset=cand.data.name,
+        fingerprint=cand.data.fingerprint,
+        dataset_options={**plan.config.dataset.options, **rt.recipe.dataset_options},
+        preprocessing=cand.data.settings,
+        study=plan.study.study_name,
+        trial=cand.trial.number,
+        recipe=rt.name,
+        params=rt.params,
+        batch_size=rt.batch_size,
+        epochs=rt.recipe.epochs,
+        training=describe_training(train),
+        trained_on="train+val" if plan.folds else "train",
+        weights=rt.weights,
+        evaluation=rt.evaluation(train),
+        selection_metric=plan.selection,
+        selection_value=cand.validation.get(plan.selection, math.nan),
+        validation={k: v for k, v in cand.validation.items() if math.isfinite(v)},
+        folds=plan.folds,
+        git_sha=git_sha(),
+    )

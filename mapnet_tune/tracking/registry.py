@@ -1,0 +1,230 @@
+"""The MLflow model registry: logged models, versions, aliases and ``models:/`` URIs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from mapnet_tune.errors import UserError, redact_url
+from mapnet_tune.tracking.runs import RunTracker, quiet
+
+
+class Tracker(RunTracker):
+    """A study's view of one MLflow tracking store: its runs and its model registry.
+
+    Args:
+        tracking_uri: An ``http(s)://`` server or a database URI; see
+            :func:`resolve_tracking_uri`.
+        tolerate_outages: See :class:`RunTracker`.
+    """
+
+    def log_pytorch_model(
+        self, run_id: str, model: Any, input_example: np.ndarray, pip_requirements: list[str]
+    ) -> tuple[str, str]:
+        """Log a CPU model with the ``mlflow.pytorch`` flavour under the run.
+
+        The pickle format is used because the default pt2 graph is fixed to the example's
+        input size, while MAP-Net serves any size; mapnet-tune itself loads the weights-only
+        checkpoint logged next to it, never this pickle.
+
+        Args:
+            run_id: The run that produced the model.
+            model: A ``torch.nn.Module`` on the CPU in eval mode.
+            input_example: A float32 (1, C, H, W) input; the signature comes from it and the
+                model's output, so MLflow does not run its own inference.
+            pip_requirements: Pinned requirements recorded with the model.
+
+        Returns:
+            (model URI, logged model id).
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        with self._global_store(), quiet("mlflow.pytorch"), mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                signature=infer_signature(input_example, output),
+                pip_requirements=pip_requirements,
+                serialization_format="pickle",
+            )
+        return info.model_uri, info.model_id
+
+    @contextlib.contextmanager
+    def _global_store(self) -> Iterator[None]:
+        """Point MLflow's process-wide tracking URI at this store for a block.
+
+        ``log_model`` logs to the global "active run", and registering a logged model looks
+        it up through the global URI. Setting it also writes ``$MLFLOW_TRACKING_URI``, so
+        both are put back afterwards: later Trackers resolve their store as before.
+        """
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)  # clears the global and the variable
+            if previous is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+
+    def register_version(
+        self, name: str, model_uri: str, model_id: str, run_id: str, tags: Mapping[str, Any]
+    ) -> str:
+        """Register a logged model as a new version of ``name`` (created if missing).
+
+        Returns:
+            The new version number.
+        """
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.client.create_registered_model(name, tags={"mapnet_tune.kind": "mapnet"})
+        with self._global_store():
+            version = self.client.create_model_version(
+                name,
+                model_uri,
+                run_id=run_id,
+                model_id=model_id,
+                tags={k: str(v) for k, v in tags.items()},
+            )
+        return str(version.version)
+
+    def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) tags of a model version."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+
+    def set_version_description(self, name: str, version: str, text: str) -> None:
+        """The Markdown a model version's page shows first."""
+        self.client.update_model_version(name, version, description=text)
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Remove a model version (and with it any alias pointing at it)."""
+        self.client.delete_model_version(name, version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` of registered model ``name`` at ``version``."""
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of a registered model, oldest first; empty when it does not exist."""
+        found = self.client.search_model_versions(f"name='{name}'")
+        aliases = self._aliases(name) if found else {}
+        return sorted((_version_info(v, aliases) for v in found), key=lambda v: int(v.version))
+
+    def version_by_alias(self, name: str, alias: str) -> ModelVersionInfo | None:
+        """The version an alias points at, or None when the model or alias does not exist."""
+        version = self._aliases(name).get(alias)
+        return None if version is None else self.model_version(name, version)
+
+    def model_version(self, name: str, version: str) -> ModelVersionInfo:
+        """One version of a registered model."""
+        return _version_info(self.client.get_model_version(name, version), self._aliases(name))
+
+    def resolve_model(self, uri: str) -> ModelVersionInfo:
+        """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names.
+
+        Raises:
+            UserError: For a malformed URI, or an unknown model, alias or version (the message
+                lists what exists).
+        """
+        name, alias, version = parse_model_uri(uri)
+        names = [m.name for m in self.client.search_registered_models(max_results=1000)]
+        if name not in names:
+            raise UserError(
+                f"no registered model '{name}' in {redact_url(self.uri)}; "
+                f"registered models: {', '.join(sorted(names)) or '(none)'}; "
+                f"run `mapnet-tune retrain-best` or pass --tracking-uri"
+            )
+        if alias is not None:
+            aliases = self._aliases(name)
+            if alias not in aliases:
+                listed = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items()))
+                raise UserError(
+                    f"model '{name}' has no alias '{alias}'; its aliases: {listed or '(none)'}"
+                )
+            version = aliases[alias]
+        known = [v.version for v in self.versions(name)]
+        if version not in known:
+            raise UserError(
+                f"model '{name}' has no version {version}; its versions: "
+                f"{', '.join(known) or '(none)'}"
+            )
+        return self.model_version(name, version)
+
+    def _aliases(self, name: str) -> dict[str, str]:
+        try:
+            model = self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
+        """Download one artifact of a run into ``dst``; None when the run does not have it."""
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version: where it came from and what it is tagged with."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``name version N (@alias, ...)`` for messages."""
+        marks = f" (@{', @'.join(self.aliases)})" if self.aliases else ""
+        return f"{self.name} version {self.version}{marks}"
+
+
+def _version_info(version: Any, aliases: Mapping[str, str]) -> ModelVersionInfo:
+    number = str(version.version)
+    return ModelVersionInfo(
+        name=version.name,
+        version=number,
+        run_id=version.run_id or "",
+        tags=dict(version.tags or {}),
+        aliases=tuple(sorted(a for a, v in aliases.items() if v == number)),
+    )
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Raises:
+        UserError: When the URI has neither form.
+    """
+    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if body and "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif body and body.count("/") == 1:
+        name, version = body.split("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise UserError(
+        f"model URI '{uri}' must look like models:/mapnet-drive@champion or models:/mapnet-drive/3"
+    )
