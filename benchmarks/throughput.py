@@ -300,8 +300,14 @@ def format_report(
             parts.append("cudnn.benchmark" if setting.cudnn_benchmark else "default cuDNN")
         lines.append(f"- {setting.name}: {', '.join(parts)}")
     cells = [
-        [r["setting"], r["input"], str(r["batch"]), f"{r['step_ms']:.1f}",
-         f"{r['images_per_s']:.2f}", f"{r['tflops']:.3f}"]
+        [
+            r["setting"],
+            r["input"],
+            str(r["batch"]),
+            f"{r['step_ms']:.1f}",
+            f"{r['images_per_s']:.2f}",
+            f"{r['tflops']:.3f}",
+        ]
         for r in rows
     ]
     head = ["setting", "input", "batch", "step (ms)", "images/s", "TFLOP/s"]
@@ -309,16 +315,26 @@ def format_report(
     return "\n".join(lines) + "\n"
 
 
-def _table(head: list[str], left: str, cells: list[list[str]], rows: list[dict],
-           peak_title: str, device: torch.device) -> list[str]:
+def _table(
+    head: list[str],
+    left: str,
+    cells: list[list[str]],
+    rows: list[dict],
+    peak_title: str,
+    device: torch.device,
+) -> list[str]:
     """Markdown table lines: the first ``len(left)`` columns left-aligned, the rest numbers;
     on CUDA a last column with each row's ``peak_gib``."""
     rule = ["---"] * len(left) + ["---:"] * (len(head) - len(left))
     if device.type == "cuda":
         head, rule = [*head, peak_title], [*rule, "---:"]
         cells = [[*c, f"{r['peak_gib']:.2f}"] for c, r in zip(cells, rows, strict=True)]
-    return ["", f"| {' | '.join(head)} |", f"|{'|'.join(rule)}|",
-            *(f"| {' | '.join(c)} |" for c in cells)]
+    return [
+        "",
+        f"| {' | '.join(head)} |",
+        f"|{'|'.join(rule)}|",
+        *(f"| {' | '.join(c)} |" for c in cells),
+    ]
 
 
 def run(
@@ -448,13 +464,24 @@ def format_concurrent_report(
         )
     single = {r["input"]: r["aggregate"] for r in rows if r["processes"] == 1}
     cells = [
-        [str(r["processes"]), r["input"], str(r["batch"]), f"{r['per_process']:.2f}",
-         f"{r['aggregate']:.2f}",
-         f"{float(r['aggregate']) / float(single.get(r['input'], float('nan'))):.2f}"]
+        [
+            str(r["processes"]),
+            r["input"],
+            str(r["batch"]),
+            f"{r['per_process']:.2f}",
+            f"{r['aggregate']:.2f}",
+            f"{float(r['aggregate']) / float(single.get(r['input'], float('nan'))):.2f}",
+        ]
         for r in rows
     ]
-    head = ["processes", "input", "batch per process", "images/s per process",
-            "aggregate images/s", "vs 1"]
+    head = [
+        "processes",
+        "input",
+        "batch per process",
+        "images/s per process",
+        "aggregate images/s",
+        "vs 1",
+    ]
     lines += _table(head, "ll", cells, rows, "peak memory per process (GiB)", device)
     return "\n".join(lines) + "\n"
 

@@ -29,8 +29,15 @@ def save(path: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "model_config": model.config, "state_dict": state,
-                "card": card.to_dict()}, tmp)
+    torch.save(
+        {
+            "format": FORMAT,
+            "model_config": model.config,
+            "state_dict": state,
+            "card": card.to_dict(),
+        },
+        tmp,
+    )
     tmp.replace(path)
     return path
 
@@ -43,8 +50,10 @@ def load(path: str | Path) -> tuple[MAPNet, ModelCard]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass --checkpoint with a file written "
-                        f"by mapnet-tune (retrain-best saves one with every model)")
+        raise UserError(
+            f"checkpoint {path} does not exist; pass --checkpoint with a file written "
+            f"by mapnet-tune (retrain-best saves one with every model)"
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
@@ -53,7 +62,9 @@ def load(path: str | Path) -> tuple[MAPNet, ModelCard]:
         model.load_state_dict(blob["state_dict"])
         card = ModelCard.from_dict(blob["card"])
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise UserError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); it must be a "
-                        f"mapnet-tune checkpoint") from None
+        raise UserError(
+            f"checkpoint {path} cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it must be a "
+            f"mapnet-tune checkpoint"
+        ) from None
     return model.eval(), card

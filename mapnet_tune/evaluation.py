@@ -62,7 +62,11 @@ def evaluate_model(
     )
     dev = engine.pick_device(device)
     metrics = engine.evaluate(
-        engine.prepare_model(model, dev), data.splits[split], evaluation, split, device=dev,
+        engine.prepare_model(model, dev),
+        data.splits[split],
+        evaluation,
+        split,
+        device=dev,
         legacy=True,
     )
     lines = [
@@ -79,12 +83,14 @@ def evaluate_model(
         return "\n".join([*lines, format_header(), format_row(metrics, split)])
     # An around-lung (bcdu-outside) model: its own target first, then the published lung
     # evaluation, labelled, since only the latter compares with the published lung table.
-    return "\n".join([
-        *lines,
-        format_header(),
-        "target (FOV and not lung), scored directly:",
-        format_row(metrics, split),
-        "legacy lung evaluation (published: estimated lung = FOV and not the prediction, "
-        "against the lung mask); leaks ground truth through the FOV:",
-        format_row(legacy_lung, split),
-    ])
+    return "\n".join(
+        [
+            *lines,
+            format_header(),
+            "target (FOV and not lung), scored directly:",
+            format_row(metrics, split),
+            "legacy lung evaluation (published: estimated lung = FOV and not the prediction, "
+            "against the lung mask); leaks ground truth through the FOV:",
+            format_row(legacy_lung, split),
+        ]
+    )

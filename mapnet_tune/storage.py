@@ -35,7 +35,6 @@ SURPLUS_ATTR = "surplus"
 _SCHEMA_TRIES = 3
 
 
-
 def open_storage(
     url: str,
     heartbeat: bool = True,

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def overlay_panel(images: np.ndarray, masks: np.ndarray, probs: np.ndarray,
-                  fov: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
+def overlay_panel(
+    images: np.ndarray,
+    masks: np.ndarray,
+    probs: np.ndarray,
+    fov: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> np.ndarray:
     """One RGB uint8 image: a row per sample with input, probability map and error overlay.
 
     The overlay paints true positives green, false positives red and false negatives blue
@@ -30,8 +35,11 @@ def overlay_panel(images: np.ndarray, masks: np.ndarray, probs: np.ndarray,
         prob = np.repeat(probs[i, 0][:, :, None], 3, 2)
         pred, gt = probs[i, 0] >= threshold, masks[i, 0] > 0
         over = 0.6 * rgb.mean(axis=2, keepdims=True).repeat(3, 2)
-        colours = {(True, True): (0.1, 0.9, 0.1), (True, False): (0.95, 0.1, 0.1),
-                   (False, True): (0.1, 0.3, 1.0)}
+        colours = {
+            (True, True): (0.1, 0.9, 0.1),
+            (True, False): (0.95, 0.1, 0.1),
+            (False, True): (0.1, 0.3, 1.0),
+        }
         for (p, g), colour in colours.items():
             over[(pred == p) & (gt == g)] = colour
         if fov is not None:

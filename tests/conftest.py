@@ -20,9 +20,15 @@ from mapnet_tune.engine import Evaluation
 from mapnet_tune.modelcard import ModelCard
 
 TINY_STUDY = {
-    "dataset": {"name": "synthetic",
-                "options": {"size": 32, "channels": 3, "count": {"train": 8, "val": 4, "test": 4},
-                            "seed": 1}},
+    "dataset": {
+        "name": "synthetic",
+        "options": {
+            "size": 32,
+            "channels": 3,
+            "count": {"train": 8, "val": 4, "test": 4},
+            "seed": 1,
+        },
+    },
     "model": {"width": 0.0625, "bn_momentum": 0.1},
     "train": {"epochs": 2, "eval_protocol": "full-image", "eval_batch_size": 8},
     "objective": {"metric": "val/iou", "direction": "maximize"},
@@ -192,8 +198,10 @@ def registered_root(tmp_path_factory):
         _isolate(patch, root, root / "cache")
         _own_tracking_store(patch, root)
         study = write_study(root / "tiny.yaml")
-        for args in (("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
-                     ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 2)):
+        for args in (
+            ("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
+            ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 2),
+        ):
             result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
             assert result.exit_code == 0, result.output
     return root

@@ -39,8 +39,9 @@ def test_rotations_are_albumentations_rotations():
 @pytest.mark.parametrize("shift", [-15.0, 5.0, 20.0])
 def test_hue_shift_matches_albumentations_up_to_uint8_rounding(shift):
     x, _ = _images(n=1)
-    ref = A.HueSaturationValue(hue_shift_limit=(shift, shift), sat_shift_limit=0,
-                               val_shift_limit=0, p=1.0)
+    ref = A.HueSaturationValue(
+        hue_shift_limit=(shift, shift), sat_shift_limit=0, val_shift_limit=0, p=1.0
+    )
     want = ref(image=x[0].transpose(1, 2, 0))["image"].transpose(2, 0, 1)
     got = _shift_hue(torch.from_numpy(x), torch.tensor([shift * 2]))[0].numpy()
     assert np.abs(got - want).mean() < 0.005 and np.abs(got - want).max() < 0.03
@@ -49,8 +50,7 @@ def test_hue_shift_matches_albumentations_up_to_uint8_rounding(shift):
 def test_brightness_contrast_formula_matches_albumentations():
     x, _ = _images(n=1)
     x = x * 0.6  # stay inside [0, 1] so clipping does not hide a difference
-    ref = A.RandomBrightnessContrast(brightness_limit=(0.1, 0.1), contrast_limit=(0.2, 0.2),
-                                     p=1.0)
+    ref = A.RandomBrightnessContrast(brightness_limit=(0.1, 0.1), contrast_limit=(0.2, 0.2), p=1.0)
     want = ref(image=x[0].transpose(1, 2, 0))["image"].transpose(2, 0, 1)
     np.testing.assert_allclose(x[0] * 1.2 + 0.1, want, atol=1e-6)
 
@@ -69,14 +69,19 @@ def test_batched_draws_follow_the_same_distribution():
     x = torch.full((n, 3, 4, 4), 0.5)
     x[:, :, 0, 0] = 0.9  # a marker pixel reveals the flips and rotations
     y = (x[:, :1] > 0.7).float()
-    out, mask = BatchAugment({"flip_p": flip_p, "rot90_p": rot_p, "brightness": bright},
-                             channels=3, seed=1)(x, y)
+    out, mask = BatchAugment(
+        {"flip_p": flip_p, "rot90_p": rot_p, "brightness": bright}, channels=3, seed=1
+    )(x, y)
     marker = out[:, 0].flatten(1).argmax(1)
     assert torch.equal(marker, mask[:, 0].flatten(1).argmax(1))  # the mask moved with it
     p_flip = {True: flip_p, False: 1 - flip_p}
     p_k = {0: 1 - rot_p + rot_p / 4, 1: rot_p / 4, 2: rot_p / 4, 3: rot_p / 4}
-    p_stay = sum(p_flip[h] * p_flip[v] * p_k[k] * _stays(h, v, k)
-                 for h in (True, False) for v in (True, False) for k in range(4))
+    p_stay = sum(
+        p_flip[h] * p_flip[v] * p_k[k] * _stays(h, v, k)
+        for h in (True, False)
+        for v in (True, False)
+        for k in range(4)
+    )
     assert (marker == 0).float().mean().item() == pytest.approx(p_stay, abs=0.03)
     offset = out[:, 1, 1, 1] - 0.5  # the brightness shift of each sample (no contrast)
     changed = offset.abs() > 1e-6
@@ -99,8 +104,8 @@ def test_training_batches_use_the_batched_path_on_the_device():
     x, y = _images(n=4, channels=1)
     split = Split(x, y, None, tuple("abcd"))
     batch = BatchAugment(params, channels=1, seed=0)
-    (bx, by, _), = engine.Batches(split, 4, cpu, batch, seed=0).epoch()
+    ((bx, by, _),) = engine.Batches(split, 4, cpu, batch, seed=0).epoch()
     order = engine.Batches(split, 4, cpu, None, seed=0).epoch()
-    (px, py, _), = order  # the same seeded order, unaugmented
+    ((px, py, _),) = order  # the same seeded order, unaugmented
     torch.testing.assert_close(bx, px.flip(-1).flip(-2))
     torch.testing.assert_close(by, py.flip(-1).flip(-2))

@@ -26,8 +26,13 @@ from mapnet_tune.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-SECRETS = ("POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
-           "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "OPTUNA_DB_PASSWORD",
+    "MLFLOW_DB_PASSWORD",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_SECRET_KEY",
+)
 
 
 def _interpolate(text: str, env: dict[str, str]) -> str:
@@ -57,8 +62,10 @@ def test_compose_file_follows_the_compose_spec():
     schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema = json.loads(schema_file.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in validator.iter_errors(COMPOSE)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(COMPOSE)
+    ]
     assert not errors, "\n".join(errors)
     # The schema has teeth: a misspelt key is an error.
     broken = copy.deepcopy(COMPOSE)
@@ -66,15 +73,28 @@ def test_compose_file_follows_the_compose_spec():
     assert list(validator.iter_errors(broken))
 
 
-@pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(
-    ["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="docker has no compose plugin here; the schema check stands in")
+@pytest.mark.skipif(
+    shutil.which("docker") is None
+    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
+    reason="docker has no compose plugin here; the schema check stands in",
+)
 def test_docker_compose_config_accepts_the_file(tmp_path):
     env_file = tmp_path / "test.env"
     env_file.write_text("".join(f"{key}=x{i}\n" for i, key in enumerate(SECRETS)))
-    done = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"),
-                           "--env-file", str(env_file), "config", "--quiet"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--env-file",
+            str(env_file),
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -118,10 +138,14 @@ def test_ports_stay_local_and_secrets_come_from_env():
     # Without .env the compose file refuses to start rather than run with empty passwords.
     for key in SECRETS:
         with pytest.raises(KeyError, match=key):
-            _interpolate((ROOT / "docker-compose.yml").read_text(),
-                         {k: "x" for k in SECRETS if k != key})
-    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+            _interpolate(
+                (ROOT / "docker-compose.yml").read_text(), {k: "x" for k in SECRETS if k != key}
+            )
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert all(example[key] == "" for key in SECRETS)
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
 
@@ -136,9 +160,10 @@ def _doc_commands() -> list[tuple[str, list[str]]]:
         for i, token in enumerate(tokens):
             # `mapnet-tune CMD`, the worker image `mapnet-tune:TAG CMD`, or
             # `docker compose run ... worker CMD`.
-            if (token.split(":")[0] == "mapnet-tune" or token == "worker" and "run" in tokens[:i]
-                    ) and i + 1 < len(tokens):
-                found.append((tokens[i + 1], tokens[i + 2:]))
+            if (
+                token.split(":")[0] == "mapnet-tune" or token == "worker" and "run" in tokens[:i]
+            ) and i + 1 < len(tokens):
+                found.append((tokens[i + 1], tokens[i + 2 :]))
                 break
     return found
 

@@ -19,8 +19,10 @@ def test_shipped_study_files_load(name):
 
 
 def _base(**overrides):
-    doc = {"dataset": {"name": "synthetic"},
-           "search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    doc = {
+        "dataset": {"name": "synthetic"},
+        "search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+    }
     doc.update(overrides)
     return doc
 
@@ -48,8 +50,9 @@ def test_bad_study_file_names_the_key(doc, needle):
 
 
 def test_hue_on_grey_input_is_rejected():
-    study = parse_study(_base(search_space={"hue_shift": {"low": 0, "high": 10, "int": True}}),
-                        "grey.yaml")
+    study = parse_study(
+        _base(search_space={"hue_shift": {"low": 0, "high": 10, "int": True}}), "grey.yaml"
+    )
     with pytest.raises(UserError, match="search_space.hue_shift"):
         check_channels(study, channels=1)
     check_channels(study, channels=3)

@@ -15,14 +15,23 @@ from mapnet_tune.model import MAPNet
 
 @pytest.mark.slow
 def test_mapnet_learns_the_synthetic_set_on_the_cpu():
-    data = prepare("synthetic", None, {"size": 64, "channels": 3, "seed": 0,
-                                       "count": {"train": 96, "val": 16, "test": 16}})
+    data = prepare(
+        "synthetic",
+        None,
+        {"size": 64, "channels": 3, "seed": 0, "count": {"train": 96, "val": 16, "test": 16}},
+    )
     torch.manual_seed(0)
     model = MAPNet(3, 1, width=0.25, bn_momentum=0.1)
-    settings = engine.TrainSettings(epochs=10, batch_size=8, lr=2e-3, pos_weight=2.0,
-                                    evaluation=engine.Evaluation(batch_size=16))
-    result = engine.fit(model, data.splits["train"], data.splits["val"], settings,
-                        device=torch.device("cpu"))
+    settings = engine.TrainSettings(
+        epochs=10,
+        batch_size=8,
+        lr=2e-3,
+        pos_weight=2.0,
+        evaluation=engine.Evaluation(batch_size=16),
+    )
+    result = engine.fit(
+        model, data.splits["train"], data.splits["val"], settings, device=torch.device("cpu")
+    )
     val = data.splits["val"]
     chance_iou = float((val.masks * val.fov).sum() / val.fov.sum())  # "all vessel" in the FOV
     assert result.best_metrics["val/iou"] > 2 * chance_iou
@@ -57,7 +66,7 @@ def test_training_batches_cover_patches_and_follow_the_seed():
     for (xa, ya, _), (xb, yb, _) in zip(first, again, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     cut = {tuple(np.round(x[0, 0, 0, :3].numpy(), 6)) for xs, _, _ in first for x in xs[:, None]}
-    expected = {tuple(np.round(images[i, 0, top, left:left + 3], 6)) for i, top, left in coords}
+    expected = {tuple(np.round(images[i, 0, top, left : left + 3], 6)) for i, top, left in coords}
     assert cut == expected
     for xs, ys, _ in first:
         assert torch.equal(ys, (xs > 0.5).float())  # the mask patch matches the image patch
@@ -85,8 +94,11 @@ def test_whole_images_pad_to_a_square_and_the_loss_mask_follows_the_augmentation
     fov[..., 2:38, 2:35] = 1
     split = Split(images, masks, fov, ("a", "b", "c", "d"))
     params = {"flip_p": 0.5, "rot90_p": 1.0}
-    aug = (build_augment(params, 1, seed=0) if augment == "albumentations"
-           else BatchAugment(params, 1, seed=0))
+    aug = (
+        build_augment(params, 1, seed=0)
+        if augment == "albumentations"
+        else BatchAugment(params, 1, seed=0)
+    )
     cpu = torch.device("cpu")
     assert engine.padded_side(40, 37) == 48 and engine.padded_side(16, 8) == 32
     seen = 0
@@ -130,8 +142,13 @@ def test_validation_every_few_epochs_and_always_after_the_last():
     data = prepare("synthetic", None, {"size": 32, "count": {"train": 8, "val": 4, "test": 4}})
     torch.manual_seed(0)
     settings = engine.TrainSettings(epochs=5, batch_size=4, lr=1e-3, val_every=2)
-    result = engine.fit(MAPNet(1, 1, width=0.0625), data.splits["train"], data.splits["val"],
-                        settings, device=torch.device("cpu"))
+    result = engine.fit(
+        MAPNet(1, 1, width=0.0625),
+        data.splits["train"],
+        data.splits["val"],
+        settings,
+        device=torch.device("cpu"),
+    )
     validated = [epoch for epoch, m in enumerate(result.history) if "val/iou" in m]
     assert validated == [1, 3, 4]
     assert result.best_epoch in validated

@@ -56,9 +56,9 @@ def test_sliding_window_averages_overlapping_windows():
     total, count = np.zeros_like(padded), np.zeros_like(padded)
     for top in range(0, 40 - 32 + 1, 4):
         for left in range(0, 40 - 32 + 1, 4):
-            p = 1 / (1 + np.exp(-padded[top:top + 32, left:left + 32].mean()))
-            total[top:top + 32, left:left + 32] += p
-            count[top:top + 32, left:left + 32] += 1
+            p = 1 / (1 + np.exp(-padded[top : top + 32, left : left + 32].mean()))
+            total[top : top + 32, left : left + 32] += p
+            count[top : top + 32, left : left + 32] += 1
     np.testing.assert_allclose(got, (total / count)[:, :37], rtol=1e-5)
 
 

@@ -117,27 +117,40 @@ def test_legacy_lung_evaluation_by_hand():
     assert legacy_lung_confusion(torch.from_numpy(probs), lung, body_fov, threshold=0.55) == (
         Confusion(tp=2, fp=1, tn=3, fn=0)
     )
-    assert legacy_lung_metrics(c, "test") == pytest.approx({
-        "test/legacy_lung_iou": 1 / 3,
-        "test/legacy_lung_f1": 0.5,
-        "test/legacy_lung_accuracy": 4 / 6,
-        "test/legacy_lung_sensitivity": 0.5,
-        "test/legacy_lung_specificity": 0.75,
-        "test/legacy_lung_auc": 0.625,
-    })
+    assert legacy_lung_metrics(c, "test") == pytest.approx(
+        {
+            "test/legacy_lung_iou": 1 / 3,
+            "test/legacy_lung_f1": 0.5,
+            "test/legacy_lung_accuracy": 4 / 6,
+            "test/legacy_lung_sensitivity": 0.5,
+            "test/legacy_lung_specificity": 0.75,
+            "test/legacy_lung_auc": 0.625,
+        }
+    )
 
 
 def test_legacy_lung_columns_keep_only_the_legacy_values():
     metrics = {
-        "test/iou": 0.1, "test/f1": 0.2, "test/auc": 0.3, "test/legacy_js": 0.4,
-        "test/legacy_lung_iou": 0.5, "test/legacy_lung_f1": 0.6,
-        "test/legacy_lung_accuracy": 0.7, "test/legacy_lung_sensitivity": 0.8,
-        "test/legacy_lung_specificity": 0.9, "test/legacy_lung_auc": 0.85,
+        "test/iou": 0.1,
+        "test/f1": 0.2,
+        "test/auc": 0.3,
+        "test/legacy_js": 0.4,
+        "test/legacy_lung_iou": 0.5,
+        "test/legacy_lung_f1": 0.6,
+        "test/legacy_lung_accuracy": 0.7,
+        "test/legacy_lung_sensitivity": 0.8,
+        "test/legacy_lung_specificity": 0.9,
+        "test/legacy_lung_auc": 0.85,
         "val/legacy_lung_auc": 0.65,
     }
     assert legacy_lung_columns(metrics) == {
-        "test/iou": 0.5, "test/f1": 0.6, "test/accuracy": 0.7, "test/legacy_js": 0.7,
-        "test/sensitivity": 0.8, "test/specificity": 0.9, "test/legacy_auc_binary": 0.85,
+        "test/iou": 0.5,
+        "test/f1": 0.6,
+        "test/accuracy": 0.7,
+        "test/legacy_js": 0.7,
+        "test/sensitivity": 0.8,
+        "test/specificity": 0.9,
+        "test/legacy_auc_binary": 0.85,
         "val/legacy_auc_binary": 0.65,
     }
     assert legacy_lung_columns({"test/iou": 0.1}) == {}

@@ -498,9 +498,7 @@ def test_drive_retrains_whole_584x565_images_by_5_fold_cv(workdir, cli, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # The shipped study, shrunk: a tiny model, few patches, one epoch; its retrain section
     # keeps the shipped folds (5) and resolution (full).
-    shipped = yaml.safe_load(
-        (STUDIES_DIR / "drive.yaml").read_text()
-    )
+    shipped = yaml.safe_load((STUDIES_DIR / "drive.yaml").read_text())
     shipped["dataset"]["source"] = str(root)
     shipped["dataset"]["options"].update(patches_per_image=4)
     shipped["model"].update(width=0.0625)

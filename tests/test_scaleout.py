@@ -63,8 +63,13 @@ def new_database() -> Iterator[Callable[[str], str]]:
     if not url:
         pytest.skip("set MAPNET_TUNE_POSTGRES_URL to a PostgreSQL server (as .ci/run does)")
     admin = sqlalchemy.make_url(url)
-    conn = psycopg2.connect(host=admin.host, port=admin.port, user=admin.username,
-                            password=admin.password, dbname=admin.database)
+    conn = psycopg2.connect(
+        host=admin.host,
+        port=admin.port,
+        user=admin.username,
+        password=admin.password,
+        dbname=admin.database,
+    )
     conn.autocommit = True
     suffix = secrets.token_hex(4)
     made: list[str] = []
@@ -93,15 +98,26 @@ class MlflowServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers its health check."""
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
-               "--backend-store-uri", self.backend,
-               "--artifacts-destination", str(self.root / "mlartifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            self.backend,
+            "--artifacts-destination",
+            str(self.root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 (the server keeps it)
         # Its own session, so that stop() reaches the web workers it forks.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         _until(self._healthy, 120, "the MLflow server to start")
 
@@ -139,17 +155,38 @@ def servers(new_database, tmp_path_factory) -> Iterator[tuple[str, MlflowServer]
 class Worker:
     """One ``mapnet-tune search`` process, its output kept in a file for failures."""
 
-    def __init__(self, workdir: Path, cfg: Path, study: str, trials: int, storage: str,
-                 tracking_uri: str) -> None:
+    def __init__(
+        self, workdir: Path, cfg: Path, study: str, trials: int, storage: str, tracking_uri: str
+    ) -> None:
         self.log = workdir / f"worker-{secrets.token_hex(3)}.log"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE")
+        }
         env["MAPNET_TUNE_CACHE"] = str(workdir / "cache")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(CLI), "search", "--config", str(cfg), "--study", study, "--trials",
-                 str(trials), "--storage", storage, "--tracking-uri", tracking_uri, *HEARTBEAT],
-                cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    str(CLI),
+                    "search",
+                    "--config",
+                    str(cfg),
+                    "--study",
+                    study,
+                    "--trials",
+                    str(trials),
+                    "--storage",
+                    storage,
+                    "--tracking-uri",
+                    tracking_uri,
+                    *HEARTBEAT,
+                ],
+                cwd=workdir,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def finish(self, timeout: float = 150) -> str:
         """Wait for a successful exit; returns the output."""
@@ -159,7 +196,8 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(
-                f"worker still running after {timeout} s:\n{self.output()}") from None
+                f"worker still running after {timeout} s:\n{self.output()}"
+            ) from None
         assert code == 0, self.output()
         return self.output()
 
@@ -184,15 +222,18 @@ def _running_trial(storage: str, name: str) -> optuna.trial.FrozenTrial | None:
     if name not in optuna.get_all_study_names(_storage(storage)):
         return None
     running = _study(storage, name).get_trials(states=(TrialState.RUNNING,))
-    return next((t for t in running
-                 if "mlflow_run_id" in t.user_attrs and t.intermediate_values), None)
+    return next(
+        (t for t in running if "mlflow_run_id" in t.user_attrs and t.intermediate_values), None
+    )
 
 
 def _runs(client: MlflowClient, study: str) -> tuple[list, list]:
     exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return ([r for r in runs if r.data.tags.get("mapnet_tune.role") == "study"],
-            [r for r in runs if r.data.tags.get("mapnet_tune.role") == "trial"])
+    return (
+        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "study"],
+        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "trial"],
+    )
 
 
 def test_two_workers_share_one_study(servers, tmp_path):
@@ -252,10 +293,26 @@ def test_unreachable_tracking_server_fails_fast(servers, tmp_path):
     cfg = write_study(tmp_path / "tiny.yaml")
     down = f"http://127.0.0.1:{_free_port()}"
     done = subprocess.run(
-        [str(CLI), "search", "--config", str(cfg), "--study", "down", "--trials", "1",
-         "--storage", storage, "--tracking-uri", down],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "MAPNET_TUNE_CACHE": str(tmp_path / "cache")})
+        [
+            str(CLI),
+            "search",
+            "--config",
+            str(cfg),
+            "--study",
+            "down",
+            "--trials",
+            "1",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            down,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MAPNET_TUNE_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -273,8 +330,11 @@ def test_tracking_outage_mid_trial(new_database, tmp_path):
         trial = _until(lambda: _running_trial(storage, "outage"), 90, "a trial mid-training")
         server.stop()
         # The trial's result reaches Optuna while the server is down.
-        _until(lambda: _study(storage, "outage").trials[trial.number].state == TrialState.COMPLETE,
-               90, "the trial to complete without the tracking server")
+        _until(
+            lambda: _study(storage, "outage").trials[trial.number].state == TrialState.COMPLETE,
+            90,
+            "the trial to complete without the tracking server",
+        )
         server.start()
         out = worker.finish()
         run = MlflowClient(server.url).get_run(trial.user_attrs["mlflow_run_id"])

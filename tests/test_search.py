@@ -72,8 +72,9 @@ def test_search_logs_trials_and_resumes(workdir, cli):
     assert cli("export-best", "--study", "tiny", "--out", "best.yaml").exit_code == 0
     best = yaml.safe_load((workdir / "best.yaml").read_text())
     assert best["trials"][0]["value"] == pytest.approx(_study("tiny").best_value)
-    result = cli("search", "--config", cfg, "--trials", 1, "--study", "warm",
-                 "--enqueue", "best.yaml")
+    result = cli(
+        "search", "--config", cfg, "--trials", 1, "--study", "warm", "--enqueue", "best.yaml"
+    )
     assert result.exit_code == 0, result.output
     assert _study("warm").trials[0].params == best["trials"][0]["params"]
 
@@ -81,18 +82,26 @@ def test_search_logs_trials_and_resumes(workdir, cli):
 def test_pruned_trial_is_killed_run(workdir, cli):
     # The training loss is ordered by pos_weight from the first epoch on, so the median
     # pruner must stop the trial with the large weight once two low-weight trials finished.
-    cfg = write_study(workdir / "prune.yaml",
-                      objective={"metric": "train/loss", "direction": "minimize"},
-                      pruner={"name": "median", "n_warmup_steps": 0},
-                      search_space={"lr": 0.003, "batch_size": 4,
-                                    "pos_weight": {"choices": [0.5, 50.0]}})
+    cfg = write_study(
+        workdir / "prune.yaml",
+        objective={"metric": "train/loss", "direction": "minimize"},
+        pruner={"name": "median", "n_warmup_steps": 0},
+        search_space={"lr": 0.003, "batch_size": 4, "pos_weight": {"choices": [0.5, 50.0]}},
+    )
     queue = workdir / "queue.yaml"
     # Distinct flip_p values: enqueueing skips parameter sets that are already queued.
-    queue.write_text(yaml.safe_dump({"trials": [{"params": {"pos_weight": 0.5, "flip_p": 0.1}},
-                                                {"params": {"pos_weight": 0.5, "flip_p": 0.2}},
-                                                {"params": {"pos_weight": 50.0}}]}))
-    result = cli("search", "--config", cfg, "--trials", 3, "--study", "prune",
-                 "--enqueue", queue)
+    queue.write_text(
+        yaml.safe_dump(
+            {
+                "trials": [
+                    {"params": {"pos_weight": 0.5, "flip_p": 0.1}},
+                    {"params": {"pos_weight": 0.5, "flip_p": 0.2}},
+                    {"params": {"pos_weight": 50.0}},
+                ]
+            }
+        )
+    )
+    result = cli("search", "--config", cfg, "--trials", 3, "--study", "prune", "--enqueue", queue)
     assert result.exit_code == 0, result.output
     pruned = _study("prune").get_trials(states=(TrialState.PRUNED,))
     assert [t.params["pos_weight"] for t in pruned] == [50.0]
@@ -174,8 +183,17 @@ def _oom_when_batch_above_2(monkeypatch):
 def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monkeypatch):
     _oom_when_batch_above_2(monkeypatch)
     cfg = write_study(workdir / "oom.yaml", search_space={"batch_size": {"choices": [4, 2]}})
-    result = cli("search", "--config", cfg, "--trials", 1, "--study", "oom", "--enqueue",
-                 _enqueued(workdir, batch_size=4))
+    result = cli(
+        "search",
+        "--config",
+        cfg,
+        "--trials",
+        1,
+        "--study",
+        "oom",
+        "--enqueue",
+        _enqueued(workdir, batch_size=4),
+    )
     assert result.exit_code == 0, result.output
     first, retry = _study("oom").trials
     assert first.state == TrialState.FAIL and first.params["batch_size"] == 4
@@ -183,7 +201,8 @@ def test_out_of_memory_trial_is_requeued_with_half_the_batch(workdir, cli, monke
     # The retry records the batch it ran with, so the sampler learns a true point.
     assert retry.state == TrialState.COMPLETE and retry.params["batch_size"] == 2
     assert {k: v for k, v in retry.params.items() if k != "batch_size"} == {
-        k: v for k, v in first.params.items() if k != "batch_size"}
+        k: v for k, v in first.params.items() if k != "batch_size"
+    }
     assert retry.user_attrs["retry_of"] == 0
     run = MlflowClient("sqlite:///mlflow.db").get_run(retry.user_attrs["mlflow_run_id"])
     assert run.data.params["hp.batch_size"] == "2"
@@ -202,8 +221,23 @@ def test_a_study_whose_trials_all_fail_stops_and_says_why(workdir, cli, monkeypa
 
 def _enqueued(workdir, **params) -> str:
     path = workdir / "first.yaml"
-    path.write_text(yaml.safe_dump({"trials": [{"params": {
-        "lr": 2e-3, "pos_weight": 2.0, "flip_p": 0.1, "hue_shift": 3, **params}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trials": [
+                    {
+                        "params": {
+                            "lr": 2e-3,
+                            "pos_weight": 2.0,
+                            "flip_p": 0.1,
+                            "hue_shift": 3,
+                            **params,
+                        }
+                    }
+                ]
+            }
+        )
+    )
     return str(path)
 
 

@@ -31,8 +31,14 @@ def test_ui_serves_the_embedded_store(workdir):
     # The console script without an activated environment, as a user would start it.
     script = Path(sys.executable).parent / "mapnet-tune"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir)}
-    proc = subprocess.Popen([script, "ui", "--port", str(port)], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [script, "ui", "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         body = None
         deadline = time.monotonic() + 90

@@ -22,9 +22,17 @@ STORAGE = "postgresql+psycopg2://optuna:s3cret@db.internal:5432/optuna"
 
 
 def test_one_pinned_worker_per_gpu_slot(tmp_path):
-    req = SearchRequest(study=load_study(write_study(tmp_path / "tiny.yaml")), study_name="tiny",
-                        storage=STORAGE, tracking_uri="http://mlflow:5000", trials=8,
-                        timeout_s=1800.0, enqueue=Path("best.yaml"), heartbeat_s=7, grace_s=21)
+    req = SearchRequest(
+        study=load_study(write_study(tmp_path / "tiny.yaml")),
+        study_name="tiny",
+        storage=STORAGE,
+        tracking_uri="http://mlflow:5000",
+        trials=8,
+        timeout_s=1800.0,
+        enqueue=Path("best.yaml"),
+        heartbeat_s=7,
+        grace_s=21,
+    )
     specs = worker_specs(req, ["0", "2"], per_gpu=2)
 
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "0", "2", "2"]

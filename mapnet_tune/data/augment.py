@@ -36,12 +36,17 @@ def build_augment(params: Mapping[str, float], channels: int, seed: int) -> Augm
         if channels != 3:
             raise ValueError("hue_shift needs 3-channel input")
         limit = float(params["hue_shift"])
-        transforms.append(A.HueSaturationValue(hue_shift_limit=limit, sat_shift_limit=0,
-                                               val_shift_limit=0, p=0.5))
+        transforms.append(
+            A.HueSaturationValue(hue_shift_limit=limit, sat_shift_limit=0, val_shift_limit=0, p=0.5)
+        )
     if params.get("brightness", 0) > 0 or params.get("contrast", 0) > 0:
-        transforms.append(A.RandomBrightnessContrast(
-            brightness_limit=float(params.get("brightness", 0)),
-            contrast_limit=float(params.get("contrast", 0)), p=0.5))
+        transforms.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=float(params.get("brightness", 0)),
+                contrast_limit=float(params.get("contrast", 0)),
+                p=0.5,
+            )
+        )
     if not transforms:
         return None
     pipeline = A.Compose(transforms, seed=seed)
@@ -129,8 +134,11 @@ def _shift_hue(rgb: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     low, _ = rgb.min(1)
     chroma = value - low
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == r, ((g - b) / safe) % 6,
-                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(
+        value == r,
+        ((g - b) / safe) % 6,
+        torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4),
+    )
     hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
     hue = (hue + degrees[:, None, None] / 60.0) % 6
     # HSV -> RGB: channel n is V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + H) mod 6.
@@ -138,8 +146,9 @@ def _shift_hue(rgb: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return torch.stack([value - chroma * torch.minimum(k, 4 - k).clamp(0, 1) for k in ramps], 1)
 
 
-def augmentation_for(params: Mapping[str, float], channels: int, seed: int,
-                     device: torch.device) -> Augment | BatchAugment | None:
+def augmentation_for(
+    params: Mapping[str, float], channels: int, seed: int, device: torch.device
+) -> Augment | BatchAugment | None:
     """The augmentation a trial trains with: batched on a CUDA device, albumentations elsewhere.
 
     On a GPU, per-sample albumentations on the CPU would starve the card; on the CPU the

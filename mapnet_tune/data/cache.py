@@ -36,7 +36,6 @@ EDGE_BYTES = 1 << 20
 _EXTRA_PREFIX = "extra__"
 
 
-
 def file_digest(path: Path) -> str:
     """sha256 of the file's bytes (or of its size, mtime and edges when it is large)."""
     stat = path.stat()

@@ -98,11 +98,15 @@ def require_source(source: Path | None, dataset: str) -> Path:
         UserError: When no source was given or it is not a folder.
     """
     if source is None:
-        raise UserError(f"dataset {dataset} needs a source folder: pass --source PATH, or run "
-                        f"`mapnet-tune prepare --dataset {dataset} --source PATH` once")
+        raise UserError(
+            f"dataset {dataset} needs a source folder: pass --source PATH, or run "
+            f"`mapnet-tune prepare --dataset {dataset} --source PATH` once"
+        )
     if not source.is_dir():
-        raise UserError(f"source folder {source} for dataset {dataset} does not exist; pass "
-                        f"--source with the folder you downloaded the dataset to")
+        raise UserError(
+            f"source folder {source} for dataset {dataset} does not exist; pass "
+            f"--source with the folder you downloaded the dataset to"
+        )
     return source
 
 

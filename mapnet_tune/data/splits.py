@@ -84,15 +84,22 @@ def concat(parts: Sequence[Split]) -> Split:
     """
     first = parts[0]
     for part in parts[1:]:
-        if (part.images.shape[1:] != first.images.shape[1:]
-                or (part.fov is None) != (first.fov is None)
-                or part.patch_size != first.patch_size or set(part.extras) != set(first.extras)):
+        if (
+            part.images.shape[1:] != first.images.shape[1:]
+            or (part.fov is None) != (first.fov is None)
+            or part.patch_size != first.patch_size
+            or set(part.extras) != set(first.extras)
+        ):
             raise ValueError("splits to concatenate differ in image size, FOV, patches or extras")
     patches = None
     if first.patches is not None:
         offsets = np.cumsum([0, *(len(p.images) for p in parts[:-1])])
-        patches = np.concatenate([p.patches + np.array([o, 0, 0], p.patches.dtype)
-                                  for p, o in zip(parts, offsets, strict=True)])
+        patches = np.concatenate(
+            [
+                p.patches + np.array([o, 0, 0], p.patches.dtype)
+                for p, o in zip(parts, offsets, strict=True)
+            ]
+        )
     return Split(
         images=np.concatenate([p.images for p in parts]),
         masks=np.concatenate([p.masks for p in parts]),

@@ -38,7 +38,6 @@ _MAX_PARAM = 6000
 _RETRY_S = 15.0
 
 
-
 def store_exists(uri: str | None) -> bool:
     """Whether a tracking store is there to read: a server, or an existing SQLite file.
 
