@@ -32,6 +32,17 @@ STUDY = click.option(
 DATASET_NAMES = ", ".join(DATASETS)
 
 
+def _datasets_epilog() -> str:
+    """Every dataset with its one-line summary and its options, for ``prepare --help``."""
+    blocks = []
+    for loader in DATASETS.values():
+        options = "; ".join(
+            f"{name}={opt.default!r}: {opt.help}" for name, opt in loader.options.items()
+        )
+        blocks.append(f"{loader.name}: {loader.summary}. Options: {options}.")
+    return "Datasets (pass options as --option KEY=VALUE):\n\n" + "\n\n".join(blocks)
+
+
 class _Group(click.Group):
     """Turns a UserError into one line on stderr and exit status 2, without a traceback."""
 
@@ -69,7 +80,7 @@ def main() -> None:
     """Hyperparameter search and experiment tracking for MAP-Net segmentation."""
 
 
-@main.command()
+@main.command(epilog=_datasets_epilog())
 @click.option("--dataset", required=True, help=f"One of {DATASET_NAMES}.")
 @SOURCE
 @click.option(

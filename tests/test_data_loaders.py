@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mapnet_tune.data import cache, dataset_names, prepare, preprocess_images, read_image
+from mapnet_tune.data import (
+    DATASETS,
+    cache,
+    dataset_names,
+    prepare,
+    preprocess_images,
+    read_image,
+)
 from mapnet_tune.data.splits import proportional_sizes
 from mapnet_tune.data.synthetic import vessel_image
 from mapnet_tune.errors import UserError
@@ -284,3 +291,11 @@ def test_cached_dataset_equals_fresh(tmp_path):
     for name, split in fresh.splits.items():
         assert set(cached.splits[name].extras) == {"lung", "body_fov"}
         assert np.array_equal(cached.splits[name].extras["lung"], split.extras["lung"])
+
+
+def test_prepare_help_lists_every_dataset_and_its_options(cli):
+    out = " ".join(cli("prepare", "--help").output.split())
+    for loader in DATASETS.values():
+        assert f"{loader.name}: {' '.join(loader.summary.split())}" in out
+        for name in loader.options:
+            assert f"{name}=" in out
