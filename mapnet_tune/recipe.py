@@ -62,33 +62,53 @@ def augmentation(
     return augmentation_for(params, channels, seed, device)
 
 
+def _evaluation(protocol: str, train: Split, stride: int, batch_size: int) -> Evaluation:
+    """An evaluation whose sliding windows are the size of the training patches."""
+    return Evaluation(
+        protocol=protocol,
+        window=train.patch_size or DEFAULT_WINDOW,
+        stride=stride,
+        batch_size=batch_size,
+    )
+
+
+def _settings(
+    study: StudyConfig, params: dict[str, Any], seed: int, **schedule: Any
+) -> TrainSettings:
+    """Training settings: the hyperparameters the optimiser and the loss take from ``params``
+    (the one place that maps them, for trials and retraining alike), the study's objective,
+    and the ``schedule`` (epochs, batch, evaluation, ...) of the caller."""
+    return TrainSettings(
+        lr=params["lr"],
+        pos_weight=params["pos_weight"],
+        weight_decay=params["weight_decay"],
+        objective=study.objective.metric,
+        maximize=study.objective.direction == "maximize",
+        seed=seed,
+        precise_bn_batches=study.train.precise_bn_batches,
+        **schedule,
+    )
+
+
 def search_evaluation(study: StudyConfig, train: Split) -> Evaluation:
     """How trials are validated: the study's protocol, windows the size of the patches."""
-    return Evaluation(
-        protocol=study.train.eval_protocol,
-        window=train.patch_size or DEFAULT_WINDOW,
-        stride=study.train.eval_stride,
-        batch_size=study.train.eval_batch_size,
-    )
+    t = study.train
+    return _evaluation(t.eval_protocol, train, t.eval_stride, t.eval_batch_size)
 
 
 def search_settings(
     study: StudyConfig, params: dict[str, Any], seed: int, train: Split
 ) -> TrainSettings:
     """A trial's training settings: validated every epoch, for pruning."""
-    return TrainSettings(
+    return _settings(
+        study,
+        params,
+        seed,
         epochs=study.train.epochs,
         batch_size=int(params["batch_size"]),
-        lr=params["lr"],
-        pos_weight=params["pos_weight"],
-        weight_decay=params["weight_decay"],
         max_seconds=study.train.max_minutes * 60 if study.train.max_minutes else None,
         steps_per_epoch=study.train.steps_per_epoch,
         evaluation=search_evaluation(study, train),
-        objective=study.objective.metric,
-        maximize=study.objective.direction == "maximize",
-        seed=seed,
-        precise_bn_batches=study.train.precise_bn_batches,
     )
 
 
@@ -135,27 +155,19 @@ class Retraining:
 
     def evaluation(self, train: Split) -> Evaluation:
         """How the model is scored and used: windows the size of the training crops."""
-        return Evaluation(
-            protocol=self.recipe.protocol,
-            window=train.patch_size or DEFAULT_WINDOW,
-            stride=self.recipe.eval_stride,
-            batch_size=self.recipe.eval_batch_size,
-        )
+        r = self.recipe
+        return _evaluation(r.protocol, train, r.eval_stride, r.eval_batch_size)
 
     def settings(self, train: Split) -> TrainSettings:
         """Training settings for ``train`` (already in its training view)."""
-        return TrainSettings(
+        return _settings(
+            self.study,
+            self.params,
+            self.seed,
             epochs=self.recipe.epochs,
             batch_size=self.batch_size,
-            lr=self.params["lr"],
-            pos_weight=self.params["pos_weight"],
-            weight_decay=self.params["weight_decay"],
             evaluation=self.evaluation(train),
             val_every=self.recipe.val_every,
-            objective=self.study.objective.metric,
-            maximize=self.study.objective.direction == "maximize",
-            seed=self.seed,
-            precise_bn_batches=self.study.train.precise_bn_batches,
         )
 
     def augmentation(self, channels: int, device: torch.device) -> Augment | BatchAugment | None:

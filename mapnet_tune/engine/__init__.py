@@ -14,7 +14,7 @@ from mapnet_tune.engine.device import (
     pick_device,
     prepare_model,
 )
-from mapnet_tune.engine.infer import PROTOCOLS, Evaluation, evaluate, predict
+from mapnet_tune.engine.infer import Evaluation, evaluate, predict
 from mapnet_tune.engine.train import (
     Batches,
     EpochCallback,
@@ -26,7 +26,6 @@ from mapnet_tune.engine.train import (
 )
 
 __all__ = [
-    "PROTOCOLS",
     "Batches",
     "EpochCallback",
     "Evaluation",

@@ -118,7 +118,7 @@ def _example(data: PreparedDataset) -> np.ndarray:
     side = min(EXAMPLE_SIDE, height, width)
     top, left = (height - side) // 2, (width - side) // 2
     crop = image[:, top : top + side, left : left + side]
-    padded = max(32, -(-side // 16) * 16)
+    padded = engine.padded_side(side, side)
     return np.pad(crop, ((0, 0), (0, padded - side), (0, padded - side)))[None].copy()
 
 
