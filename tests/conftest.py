@@ -72,6 +72,18 @@ def cli():
     return run
 
 
+def unavailable(component: str, why: str):
+    """Skip a test whose real component cannot start here, saying why and how to get it.
+
+    ``.ci/run`` sets ``MAPNET_TUNE_REQUIRE_COMPONENTS=1``: there the test fails instead, so a
+    component that CI installs can never silently stop being tested.
+    """
+    message = f"{component} is not available: {why}"
+    if os.environ.get("MAPNET_TUNE_REQUIRE_COMPONENTS") == "1":
+        pytest.fail(message + " (MAPNET_TUNE_REQUIRE_COMPONENTS=1: CI must run this test)")
+    pytest.skip(message)
+
+
 def drive_root() -> Path | None:
     """The real DRIVE training set, when the environment provides it."""
     root = os.environ.get("MAPNET_TUNE_DRIVE_ROOT")
