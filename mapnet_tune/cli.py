@@ -188,7 +188,7 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
     click.echo(trials_table(study))
     from mapnet_tune.tracking import Tracker
 
-    click.echo(f"\nBrowse the runs: {Tracker(req.tracking_uri).ui_command()}")
+    click.echo("\n" + Tracker(req.tracking_uri).browse(req.study_name))
 
 
 @main.command()
@@ -232,11 +232,16 @@ def export_best(study_name: str | None, storage: str | None, top: int, out: Path
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
-    """Start the MLflow UI on the configured store."""
-    from mapnet_tune.tracking import Tracker
+    """Start the MLflow UI on the configured store; print where each study is in it."""
+    from mapnet_tune.tracking import Tracker, store_exists
 
     tracker = Tracker(tracking_uri)
     click.echo(f"MLflow UI for {tracker.uri} at http://{host}:{port} (Ctrl-C stops it)")
+    if store_exists(tracking_uri):
+        # A server listening on every interface is still browsed through this machine.
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        for line in tracker.study_links(ui=f"http://{shown}:{port}"):
+            click.echo(line)
     tracker.serve_ui(host, port)
 
 

@@ -21,6 +21,14 @@ SEARCH_RUN_TAG = "mapnet_tune.search_run"
 OVERLAY_EPOCH_TAG = "mapnet_tune.overlay_epoch"
 GIT_TAG = "git.sha"
 FINGERPRINT_TAG = "dataset.fingerprint"
+#: Experiment tags: the study's best trial's run so far (the UI links to it), and the dataset
+#: it searches (whose registered model the UI links to).
+BEST_RUN_TAG = "mapnet_tune.best_run"
+DATASET_TAG = "mapnet_tune.dataset"
+#: What MLflow's Source column shows for the runs each command makes.
+SEARCH_SOURCE = "mapnet-tune search"
+RETRAIN_SOURCE = "mapnet-tune retrain-best"
+REPORT_SOURCE = "mapnet-tune report"
 #: Trial user attribute holding its MLflow run id; study user attribute holding the parent's.
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -34,6 +42,24 @@ ROC_ARTIFACT = "evaluation/roc.json"
 OVERLAY_ARTIFACT = "overlays/best_epoch.png"
 #: Tag prefix of the metrics on a registered version: ``metric.cv/val/iou_mean``.
 METRIC_TAG = "metric."
+#: The study parent run's metrics, one step per finished trial: the best objective so far,
+#: and how many trials ended in each state.
+STUDY_BEST_METRIC = "best"
+TRIAL_COUNT_METRICS = {
+    "complete": "trials/complete",
+    "pruned": "trials/pruned",
+    "failed": "trials/failed",
+}
+
+
+def summary_key(metric: str, which: str) -> str:
+    """A trial's one-point summary of a per-epoch metric: ``val/iou`` -> ``val_best/iou``.
+
+    MLflow's run page lists metric sections by name, so ``val_best`` and ``val_final`` come
+    after the per-epoch curves (``time``, ``train``, ``val``) instead of before them.
+    """
+    split, _, name = metric.partition("/")
+    return f"{split}_{which}/{name}"
 
 
 def model_name(dataset: str) -> str:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,7 +25,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
-from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from mapnet_tune.errors import UserError  # noqa: E402
 from mapnet_tune.metrics import legacy_lung_columns  # noqa: E402
@@ -35,11 +33,13 @@ from mapnet_tune.names import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
     GIT_TAG,
+    REPORT_SOURCE,
     ROC_ARTIFACT,
     ROLE_TAG,
     STUDY_TAG,
     model_name,
 )
+from mapnet_tune.plots import STUDY_PLOTS, study_plots  # noqa: E402
 from mapnet_tune.storage import load_existing_study, ranked_trials  # noqa: E402
 from mapnet_tune.study.summary import trials_table  # noqa: E402
 from mapnet_tune.tracking import (  # noqa: E402
@@ -56,11 +56,6 @@ DEFAULT_COLUMNS = (
     {"header": "Spec", "key": "specificity"},
     {"header": "Acc", "key": "accuracy"},
 )
-STUDY_PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
-    "optimization_history": optuna_plots.plot_optimization_history,
-    "param_importances": optuna_plots.plot_param_importances,
-    "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
-}
 
 
 @dataclass(frozen=True)
@@ -161,7 +156,7 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     models = _registered(tracker, model_name(dataset))
     notes: list[str] = []
-    plots = _study_plots(study, folder, notes)
+    plots = study_plots(study, folder, STUDY_PLOTS, notes)
     champion = next((v for v in models if CHAMPION in v.aliases), None)
     if champion is not None and _roc_plot(tracker, champion, folder / "roc.png", notes):
         plots.append("roc.png")
@@ -201,25 +196,6 @@ def _registered(tracker: Tracker, name: str) -> list[ModelVersionInfo]:
     found = [tracker.version_by_alias(name, alias) for alias in (CHAMPION, CHALLENGER)]
     unique = {v.version: v for v in found if v is not None}
     return list(unique.values())
-
-
-def _study_plots(study: optuna.Study, folder: Path, notes: list[str]) -> list[str]:
-    written = []
-    for name, plot in STUDY_PLOTS.items():
-        with warnings.catch_warnings():
-            # The matplotlib backend is marked experimental, and small studies warn that
-            # importances are uncertain; the figures are still what we want.
-            warnings.simplefilter("ignore")
-            try:
-                axes = plot(study)
-            except (ValueError, RuntimeError) as exc:
-                notes.append(f"no {name.replace('_', ' ')} plot: {exc}")
-                continue
-        figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
-        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        written.append(f"{name}.png")
-    return written
 
 
 def _roc_plot(tracker: Tracker, champion: ModelVersionInfo, path: Path, notes: list[str]) -> bool:
@@ -335,6 +311,7 @@ def _log(tracker: Tracker, study: optuna.Study, files: list[Path]) -> None:
         experiment,
         f"{dataset}-report",
         {STUDY_TAG: study.study_name, ROLE_TAG: "report", GIT_TAG: git_sha()},
+        source=REPORT_SOURCE,
     )
     for path in files:
         tracker.log_file(run_id, path, "report")

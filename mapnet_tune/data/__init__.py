@@ -9,6 +9,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -96,15 +97,16 @@ def prepare(
     root = Path(source).expanduser() if source is not None else None
     scanned = loader.scan(root, resolved)
     fp = cache.fingerprint(name, resolved, scanned)
+    origin = str(root.resolve()) if root is not None else f"mapnet-tune's {name} generator"
     cached = cache.load(cache_dir, name, fp)
     if cached is not None:
         log.info("loaded %s %s from the cache in %.1f s", name, fp, time.perf_counter() - started)
-        return cached
+        return dataclasses.replace(cached, source=origin)
     splits, derived = loader.build(scanned, resolved)
     # A JSON round trip makes a fresh dataset's settings equal to a cached one's (tuples become
     # lists) and proves they can be recorded with a model.
     settings = json.loads(json.dumps({"dataset": name, **resolved, **derived}))
-    dataset = PreparedDataset(name, fp, splits["train"].images.shape[1], splits, settings)
+    dataset = PreparedDataset(name, fp, splits["train"].images.shape[1], splits, settings, origin)
     entry = cache.save(cache_dir, dataset)
     log.info("prepared %s into %s in %.1f s", name, entry, time.perf_counter() - started)
     return dataset

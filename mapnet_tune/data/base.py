@@ -68,6 +68,8 @@ class PreparedDataset:
         splits: "train", "val" and, when the source has one, "test".
         settings: The preprocessing settings used (JSON-serialisable), recorded with models so
             that prediction repeats the same preprocessing.
+        source: Where the files came from (the folder), or which generator made them; runs
+            record it with their dataset input.
     """
 
     name: str
@@ -75,6 +77,7 @@ class PreparedDataset:
     channels: int
     splits: dict[str, Split]
     settings: dict
+    source: str = ""
 
     def card(self) -> str:
         """The dataset card as printed text: settings and, per split, counts, sizes, positives."""

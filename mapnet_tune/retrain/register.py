@@ -51,6 +51,7 @@ def register(tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard) -> 
         )
         if moves:
             tracker.set_alias(plan.model_name, CHAMPION, version)
+        tracker.set_model_description(plan.model_name, model_description(plan, version, decision))
     except BaseException:
         if version is not None:
             tracker.delete_version(plan.model_name, version)
@@ -69,7 +70,29 @@ def log_checkpoint(tracker: Tracker, run_id: str, model: torch.nn.Module, card: 
 
 
 def predict_command(plan: Plan, version: str) -> str:
-    return f"mapnet-tune predict --model models:/{plan.model_name}/{version} IMAGES... --out DIR"
+    """The command that uses a version (a number or ``@alias``) on new images."""
+    ref = version if version.startswith("@") else f"/{version}"
+    return f"mapnet-tune predict --model models:/{plan.model_name}{ref} IMAGES... --out DIR"
+
+
+def model_description(plan: Plan, newest: str, decision: str) -> str:
+    """The registered model's page in words: what it is, how the champion is chosen, use."""
+    dataset = plan.config.dataset.name
+    return "\n".join(
+        [
+            f"MAP-Net segmentation models for **{dataset}**, registered by "
+            f"`mapnet-tune retrain-best` from study `{plan.study.study_name}`. Each version is "
+            f"one retrained trial; its description is its model card: what it was trained on, "
+            f"at which resolution, how it was chosen and its single test score.",
+            "",
+            f"- `@{CHALLENGER}` is the newest version ({newest}); `@{CHAMPION}` moves to a "
+            f"version only when its `{plan.selection}` (validation, never test) beats the "
+            f"champion's. Last decision: {decision}.",
+            f"- Use the champion: `{predict_command(plan, '@' + CHAMPION)}`",
+            f"- Score it: `mapnet-tune evaluate --model models:/{plan.model_name}@{CHAMPION} "
+            f"--dataset {dataset} --split test`",
+        ]
+    )
 
 
 def decide_champion(

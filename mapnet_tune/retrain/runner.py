@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mapnet_tune import engine
-from mapnet_tune.data import Split
+from mapnet_tune.data import PreparedDataset, Split
 from mapnet_tune.data.splits import take
 from mapnet_tune.metrics import MetricAccumulator
 from mapnet_tune.modelcard import ModelCard
@@ -23,6 +23,7 @@ from mapnet_tune.names import (
     FOLD_TAG,
     GIT_TAG,
     RECIPE_TAG,
+    RETRAIN_SOURCE,
     ROC_ARTIFACT,
     ROLE_TAG,
     RUN_ID_ATTR,
@@ -74,6 +75,7 @@ def retrain_best(req: RetrainRequest) -> str:
     for line in lines:
         say(line)
     lines += Runner(plan, tracker).run()
+    lines += ["", tracker.browse(plan.study.study_name)]
     return "\n".join(lines)
 
 
@@ -117,9 +119,19 @@ class Runner:
         self._finish(self.parent)
         return lines
 
-    def _start(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        run_id = self.tracker.create_run(self.experiment_id, name, tags, parent_run_id=parent)
+    def _start(
+        self,
+        name: str,
+        tags: dict[str, str],
+        parent: str | None = None,
+        data: PreparedDataset | None = None,
+    ) -> str:
+        run_id = self.tracker.create_run(
+            self.experiment_id, name, tags, parent_run_id=parent, source=RETRAIN_SOURCE
+        )
         self.running.append(run_id)
+        if data is not None:
+            self.tracker.log_dataset(run_id, data.name, data.fingerprint, data.source)
         return run_id
 
     def _finish(self, run_id: str, reason: str | None = None) -> None:
@@ -152,6 +164,7 @@ class Runner:
                     SEARCH_RUN_TAG: cand.trial.user_attrs.get(RUN_ID_ATTR, ""),
                 },
                 self.parent,
+                cand.data,
             )
             self.tracker.log_params(
                 cand.run_id,
@@ -234,6 +247,7 @@ class Runner:
                 f"{plan.config.dataset.name}-retrain-{cand.tag}-fold{index + 1}",
                 {**self._tags("retrain-fold", cand), FOLD_TAG: str(index + 1)},
                 cand.run_id,
+                cand.data,
             )
             self.tracker.log_params(run_id, {"held_out": ",".join(merged.names[i] for i in held)})
             held_out = take(merged, held)

@@ -1,6 +1,6 @@
 """The objective: one trial from suggestion to a number Optuna records, with its MLflow run.
 
-A trial's epoch callback is composed from small ones (log, overlay, progress, prune,
+A trial's epoch callback is composed from small ones (log, summary, overlay, progress, prune,
 deadline), each doing one thing, in that order.
 """
 
@@ -26,9 +26,11 @@ from mapnet_tune.names import (
     OVERLAY_EPOCH_TAG,
     ROLE_TAG,
     RUN_ID_ATTR,
+    SEARCH_SOURCE,
     STUDY_TAG,
     TRIAL_TAG,
     params_for_log,
+    summary_key,
     trial_tag,
 )
 from mapnet_tune.recipe import (
@@ -102,6 +104,35 @@ def stop_at(deadline: float | None) -> EpochCallback:
     return call
 
 
+class Summary:
+    """A trial's best and final validation metrics, logged as one-point summaries.
+
+    As an epoch callback it remembers them; :meth:`log` writes ``val_best/*`` and
+    ``val_final/*`` (see :func:`summary_key`), which a person adds as columns to sort trials.
+    Pruned trials get them too, so that they sort with the others.
+    """
+
+    def __init__(self) -> None:
+        self.best: tuple[int, dict[str, float]] | None = None
+        self.final: tuple[int, dict[str, float]] | None = None
+
+    def __call__(self, epoch: int, metrics: dict[str, float], _: torch.nn.Module, improved: bool):
+        val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        if val:
+            self.final = epoch, val
+            if improved:
+                self.best = epoch, val
+
+    def log(self, tracker: Tracker, run_id: str) -> None:
+        """Write the summaries to the trial's run, each at the epoch it comes from."""
+        for which, found in (("best", self.best), ("final", self.final)):
+            if found is not None:
+                epoch, val = found
+                tracker.log_metrics(
+                    run_id, {summary_key(k, which): v for k, v in val.items()}, step=epoch
+                )
+
+
 class Objective:
     """The trial function: suggest, build, fit, report, prune, log."""
 
@@ -139,9 +170,10 @@ class Objective:
         }
         name = f"{study.dataset.name}-{trial_tag(trial.number)}"
         run_id = self.tracker.create_run(
-            self.experiment_id, name, tags, parent_run_id=self.parent_run_id
+            self.experiment_id, name, tags, parent_run_id=self.parent_run_id, source=SEARCH_SOURCE
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        self.tracker.log_dataset(run_id, self.data.name, self.data.fingerprint, self.data.source)
         self.tracker.log_params(
             run_id,
             {
@@ -152,9 +184,11 @@ class Objective:
             },
         )
         monitor = self.tracker.system_metrics(run_id) if self.device.type == "cuda" else None
+        summary = Summary()
         try:
-            value = self._train(trial, params, seed, run_id)
+            value = self._train(trial, params, seed, run_id, summary)
         except optuna.TrialPruned as exc:
+            summary.log(self.tracker, run_id)
             self.tracker.end_run(run_id, "KILLED", str(exc))
             raise
         except KeyboardInterrupt as exc:
@@ -174,7 +208,9 @@ class Objective:
         self.tracker.end_run(run_id, "FINISHED")
         return value
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str) -> float:
+    def _train(
+        self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str, summary: Summary
+    ) -> float:
         study = self.req.study
         torch.manual_seed(seed)
         model = build_model(study, self.data.channels)
@@ -183,6 +219,7 @@ class Objective:
         metric = study.objective.metric
         on_epoch = chain(
             log_epoch(self.tracker, run_id),
+            summary,
             self._overlay_when_improved(run_id),
             show_epoch(self.progress, trial, settings.epochs, metric),
             prune(trial, metric),
@@ -204,9 +241,7 @@ class Objective:
             "metrics", {k: v for k, v in result.best_metrics.items() if math.isfinite(v)}
         )
         trial.set_user_attr("samples_per_s", result.samples_seen / max(result.seconds, 1e-9))
-        self.tracker.log_metrics(
-            run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, step=result.best_epoch
-        )
+        summary.log(self.tracker, run_id)
         self.progress.line(
             f"{trial_tag(trial.number)} done: {metric} {result.best_metrics[metric]:.4f}"
             f" at epoch {result.best_epoch + 1}"

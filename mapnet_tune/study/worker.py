@@ -21,12 +21,17 @@ from mapnet_tune.config import StudyConfig, check_channels, read_yaml
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError, redact_url
 from mapnet_tune.names import (
+    DATASET_TAG,
     FINGERPRINT_TAG,
     GIT_TAG,
     PARENT_ATTR,
     ROLE_TAG,
+    SEARCH_SOURCE,
     STORAGE_TAG,
+    STUDY_BEST_METRIC,
     STUDY_TAG,
+    TRIAL_COUNT_METRICS,
+    summary_key,
     trial_tag,
 )
 from mapnet_tune.storage import FINISHED, is_surplus, open_storage
@@ -35,7 +40,9 @@ from mapnet_tune.study.progress import Progress
 from mapnet_tune.study.recovery import LostTrialCallback, fail_lost_trials
 from mapnet_tune.study.request import SearchRequest, StudyTimeout
 from mapnet_tune.study.sampling import make_pruner, make_sampler
+from mapnet_tune.study.story import StudyStory
 from mapnet_tune.tracking import Tracker, git_sha
+from mapnet_tune.tracking.links import study_view
 
 #: A study stops when its most recent trials all failed this many times in a row: the cause
 #: (a bug, a broken dataset, a batch that never fits) will not go away by sampling more.
@@ -75,17 +82,21 @@ def run_search(req: SearchRequest) -> optuna.Study:
     )
     check_channels(req.study, data.channels)
     study, created = _open_study(req, tracker)
-    experiment_id = tracker.experiment(req.study_name)
+    experiment_id = tracker.experiment(req.study_name, {DATASET_TAG: data.name})
     parent = _ensure_parent(study, created, tracker, experiment_id, req)
     if req.enqueue is not None:
         enqueue_file(study, req.enqueue)
     tracker.set_tags(parent, {FINGERPRINT_TAG: data.fingerprint})
+    tracker.log_dataset(parent, data.name, data.fingerprint, data.source, "search")
+    tracker.show_study(experiment_id, _runs_view(req.study))
     progress = Progress(study, req.trials, req.study.objective.metric)
     deadline = time.time() + req.timeout_s if req.timeout_s else None
     objective = Objective(req, data, tracker, experiment_id, parent, progress, deadline)
+    story = StudyStory(tracker, experiment_id, parent, req.trials)
     try:
         with _sigterm_as_interrupt():
-            _work(study, objective, tracker, progress, req, deadline)
+            _work(study, objective, tracker, progress, req, deadline, story)
+        story.finish(study)
         tracker.end_run(parent, "FINISHED")
     except UserError as exc:
         tracker.end_run(parent, "FAILED", str(exc))
@@ -111,6 +122,7 @@ def _work(
     progress: Progress,
     req: SearchRequest,
     deadline: float | None,
+    story: StudyStory,
 ) -> None:
     """Run trials until the study holds ``req.trials`` finished ones, across all workers.
 
@@ -143,7 +155,7 @@ def _work(
             )
         else:
             tracker.flush_pending()
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[story])
             shown = ""
             continue
         if why != shown:
@@ -239,6 +251,7 @@ def _ensure_parent(
             GIT_TAG: git_sha(),
             STORAGE_TAG: redact_url(req.storage),
         },
+        source=SEARCH_SOURCE,
     )
     study.set_user_attr(PARENT_ATTR, run_id)
     if not created:
@@ -251,6 +264,18 @@ def _ensure_parent(
         run_id, {**req.study.fixed_settings(), "search_space": _space_text(req.study)}
     )
     return run_id
+
+
+def _runs_view(study: StudyConfig) -> str:
+    """The study's runs page: trials by their best objective, with what tells them apart."""
+    metric = study.objective.metric
+    shown = [summary_key(m, "best") for m in (metric, "val/f1", "val/auc")]
+    return study_view(
+        summary_key(metric, "best"),
+        study.objective.direction == "maximize",
+        [*shown, STUDY_BEST_METRIC, *TRIAL_COUNT_METRICS.values()],
+        [f"hp.{p.name}" for p in study.space if p.searched],
+    )
 
 
 def _space_text(study: StudyConfig) -> str:

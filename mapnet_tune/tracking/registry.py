@@ -13,6 +13,8 @@ import mlflow
 import numpy as np
 
 from mapnet_tune.errors import UserError, redact_url
+from mapnet_tune.names import BEST_RUN_TAG, DATASET_TAG, model_name
+from mapnet_tune.tracking.links import DEFAULT_UI, model_url, run_url, runs_url, ui_base
 from mapnet_tune.tracking.runs import RunTracker, quiet
 
 
@@ -111,6 +113,10 @@ class Tracker(RunTracker):
         """The Markdown a model version's page shows first."""
         self.client.update_model_version(name, version, description=text)
 
+    def set_model_description(self, name: str, text: str) -> None:
+        """The Markdown a registered model's page shows first."""
+        self.client.update_registered_model(name, description=text)
+
     def delete_version(self, name: str, version: str) -> None:
         """Remove a model version (and with it any alias pointing at it)."""
         self.client.delete_model_version(name, version)
@@ -173,6 +179,42 @@ class Tracker(RunTracker):
                 return {}
             raise
         return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def study_links(self, study: str | None = None, ui: str = DEFAULT_UI) -> list[str]:
+        """Where to look in the UI: each study's runs, its best trial and its model.
+
+        Args:
+            study: One study; default every study in the store.
+            ui: Where the UI serves an embedded store (``mapnet-tune ui``'s address).
+        """
+        base = ui_base(self.uri, ui)
+        if study is None:
+            found = self.client.search_experiments(
+                filter_string="tags.`mapnet_tune.kind` = 'study'", max_results=1000
+            )
+        else:
+            found = [e for e in [self.client.get_experiment_by_name(study)] if e is not None]
+        registered = {m.name for m in self.client.search_registered_models(max_results=1000)}
+        lines = []
+        for exp in sorted(found, key=lambda e: e.name):
+            lines.append(f"study {exp.name}: {runs_url(base, exp.experiment_id)}")
+            best = exp.tags.get(BEST_RUN_TAG)
+            if best:
+                lines.append(f"  best trial: {run_url(base, exp.experiment_id, best)}")
+            name = model_name(exp.tags.get(DATASET_TAG, ""))
+            if name in registered:
+                lines.append(f"  registered model: {model_url(base, name)}")
+        return lines
+
+    def browse(self, study: str | None = None) -> str:
+        """The end of a command's output: where in the MLflow UI to look next."""
+        lines = self.study_links(study)
+        if self.uri.startswith(("http://", "https://")):
+            head = "Browse in the MLflow UI:"
+        else:
+            start = f"mapnet-tune ui --tracking-uri {self.uri}"
+            head = f"Browse in the MLflow UI (start it with `{start}`):"
+        return "\n".join([head, *lines])
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
         """Download one artifact of a run into ``dst``; None when the run does not have it."""

@@ -23,10 +23,16 @@ from typing import Any, NoReturn
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
 from mapnet_tune.errors import UserError, redact_url
 from mapnet_tune.settings import resolve_tracking_uri
+from mapnet_tune.tracking.links import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    SHARED_VIEW_TAG,
+    VIEW_KEY,
+)
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 # The HTTP client logs each retry of a failed request; an outage gets one line of our own.
@@ -139,21 +145,37 @@ class RunTracker:
             _warn(f"MLflow tracking server {redact_url(self.uri)} is back; logging resumed")
             self._down_since = None
 
-    def experiment(self, name: str) -> str:
-        """The id of the experiment ``name``, created if missing (race-safe across workers)."""
+    def experiment(self, name: str, tags: Mapping[str, str] | None = None) -> str:
+        """The id of the experiment ``name``, created if missing (race-safe across workers).
+
+        It is tagged as model development (``mlflow.experimentKind``), so that MLflow shows
+        it in its model-training view; experiments made before that get the tag now.
+        """
+        wanted = {"mapnet_tune.kind": "study", EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **(tags or {})}
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, tags={"mapnet_tune.kind": "study"})
-        except mlflow.exceptions.MlflowException:
-            # Another worker created it between our lookup and our create.
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(name, tags=wanted)
+            except mlflow.exceptions.MlflowException:
+                # Another worker created it between our lookup and our create.
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        for key, value in wanted.items():
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
+
+    def show_study(self, experiment_id: str, view: str) -> None:
+        """Store the study's runs-page view (see :mod:`mapnet_tune.tracking.links`)."""
+        self.set_experiment_tags(experiment_id, {SHARED_VIEW_TAG + VIEW_KEY: view})
+
+    def set_experiment_tags(self, experiment_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags on an experiment."""
+        for key, value in tags.items():
+            self._write(lambda k=key, v=value: self.client.set_experiment_tag(experiment_id, k, v))
 
     def create_run(
         self,
@@ -161,9 +183,20 @@ class RunTracker:
         name: str,
         tags: Mapping[str, str],
         parent_run_id: str | None = None,
+        *,
+        source: str,
     ) -> str:
-        """Start a run and return its id; a child when ``parent_run_id`` is given."""
-        all_tags = dict(tags)
+        """Start a run and return its id; a child when ``parent_run_id`` is given.
+
+        ``source`` is the command that made it (``mapnet-tune search``): with the git commit
+        it fills the Source column of MLflow's runs table.
+        """
+        all_tags = {
+            "mlflow.source.name": source,
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": git_sha(),
+            **tags,
+        }
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(experiment_id, tags=all_tags, run_name=name)
@@ -194,6 +227,21 @@ class RunTracker:
         ]
         if items:
             self._write(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def log_dataset(
+        self, run_id: str, name: str, digest: str, source: str, context: str = "training"
+    ) -> None:
+        """Record the data a run used as an MLflow dataset input (the Dataset column).
+
+        Args:
+            name: The dataset, e.g. ``drive``.
+            digest: The prepared cache's fingerprint, so that runs on the same data match.
+            source: Where the data came from: its folder, or the built-in generator.
+            context: What the run did with it (``training``, ``evaluation``).
+        """
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._write(lambda: self.client.log_inputs(run_id, datasets=inputs))
 
     def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
         """Store an RGB uint8 image as a PNG artifact."""
@@ -264,12 +312,6 @@ class RunTracker:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=self.uri)
         monitor.start()
         return monitor
-
-    def ui_command(self) -> str:
-        """The command a person runs to browse this store."""
-        if self.uri.startswith(("http://", "https://")):
-            return f"open {self.uri}"
-        return f"mapnet-tune ui --tracking-uri {self.uri}"
 
     def serve_ui(self, host: str, port: int) -> NoReturn:
         """Become the MLflow UI on this store (the process is replaced, so that Ctrl-C or a

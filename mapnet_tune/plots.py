@@ -1,0 +1,54 @@
+"""The study's plots as PNG files: optimisation history, parameter importances, coordinates.
+
+The report writes them all; the search logs the first two to the study's parent run when
+the study completes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# No display on servers and cluster nodes: draw to files only.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+STUDY_PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
+    "optimization_history": optuna_plots.plot_optimization_history,
+    "param_importances": optuna_plots.plot_param_importances,
+    "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+}
+
+
+def study_plots(
+    study: optuna.Study, folder: Path, names: Iterable[str], notes: list[str]
+) -> list[str]:
+    """Draw the named plots of ``STUDY_PLOTS`` into ``folder``.
+
+    Returns:
+        The file names written; a plot the study cannot have yet (importances need two
+        completed trials) adds a line to ``notes`` instead.
+    """
+    written = []
+    for name in names:
+        with warnings.catch_warnings():
+            # The matplotlib backend is marked experimental, and small studies warn that
+            # importances are uncertain; the figures are still what we want.
+            warnings.simplefilter("ignore")
+            try:
+                axes = STUDY_PLOTS[name](study)
+            except (ValueError, RuntimeError) as exc:
+                notes.append(f"no {name.replace('_', ' ')} plot: {exc}")
+                continue
+        figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
+        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        written.append(f"{name}.png")
+    return written
