@@ -29,6 +29,7 @@ SOURCE = click.option(
 STUDY = click.option(
     "--study", "study_name", help="Study name (default: the storage's only study)."
 )
+HOST = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 DATASET_NAMES = ", ".join(DATASETS)
 
 
@@ -229,7 +230,7 @@ def export_best(study_name: str | None, storage: str | None, top: int, out: Path
 
 @main.command()
 @TRACKING_URI
-@click.option("--host", default="127.0.0.1", show_default=True)
+@HOST
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Start the MLflow UI on the configured store; print where each study is in it."""
@@ -243,6 +244,17 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
         for line in tracker.study_links(ui=f"http://{shown}:{port}"):
             click.echo(line)
     tracker.serve_ui(host, port)
+
+
+@main.command()
+@STORAGE
+@HOST
+@click.option("--port", type=int, default=8080, show_default=True)
+def dashboard(storage: str | None, host: str, port: int) -> None:
+    """Start optuna-dashboard on the study storage: every study's live plots."""
+    from mapnet_tune.dashboard import serve
+
+    serve(storage, host, port)
 
 
 @main.command()

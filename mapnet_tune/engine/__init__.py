@@ -1,7 +1,7 @@
 """Training, evaluation and inference for MAP-Net. Knows nothing of Optuna or MLflow.
 
-Callers hear about progress through the ``on_epoch`` callback of :func:`fit`; whatever it
-raises (for example a pruning signal) ends training and propagates unchanged.
+Callers hear about progress through the ``on_epoch`` and ``on_step`` callbacks of :func:`fit`;
+whatever they raise (for example a pruning signal) ends training and propagates unchanged.
 
 - ``device``: device choice, autocast, memory format, padding to valid sizes.
 - ``train``: seeded batches, the fit loop, precise BatchNorm.
@@ -19,6 +19,7 @@ from mapnet_tune.engine.train import (
     Batches,
     EpochCallback,
     FitResult,
+    StepCallback,
     TrainSettings,
     fit,
     precise_bn_stream,
@@ -30,6 +31,7 @@ __all__ = [
     "EpochCallback",
     "Evaluation",
     "FitResult",
+    "StepCallback",
     "TrainSettings",
     "clone_model",
     "evaluate",

@@ -27,6 +27,9 @@ from mapnet_tune.engine.infer import Evaluation, evaluate
 
 #: What :func:`fit` calls after every epoch: (epoch, metrics, model, improved).
 EpochCallback = Callable[[int, dict[str, float], nn.Module, bool], None]
+#: What :func:`fit` calls after every optimiser step: (epoch, steps done in this epoch, steps
+#: in the epoch, samples in this step), so that a caller can show a rate and an ETA.
+StepCallback = Callable[[int, int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def fit(
     augment: Augment | BatchAugment | None = None,
     on_epoch: EpochCallback | None = None,
     device: torch.device | None = None,
+    on_step: StepCallback | None = None,
 ) -> FitResult:
     """Train with Adam and the weighted BCE, validating after every epoch.
 
@@ -187,6 +191,7 @@ def fit(
             validation, ``improved`` telling whether this epoch is the best so far; may raise
             to stop training (the exception propagates).
         device: Where to train; default :func:`pick_device`.
+        on_step: Called after every optimiser step (see :data:`StepCallback`).
 
     Returns:
         The history and the best validated epoch by ``settings.objective``.
@@ -211,6 +216,7 @@ def fit(
     result = FitResult()
     start = time.perf_counter()
     refreshed = -1  # the epoch after which BatchNorm statistics were last re-estimated
+    per_epoch = min(settings.steps_per_epoch or len(batches), len(batches))
     for epoch in range(settings.epochs):
         model.train()
         total, steps = torch.zeros((), device=device), 0
@@ -225,6 +231,8 @@ def fit(
             total += loss.detach()
             steps += 1
             result.samples_seen += len(x)
+            if on_step is not None:
+                on_step(epoch, steps, per_epoch, len(x))
         train_loss = float(total) / max(steps, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(

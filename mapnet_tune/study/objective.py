@@ -225,14 +225,17 @@ class Objective:
             prune(trial, metric),
             stop_at(self.deadline),
         )
+        train = self.data.splits["train"]
+        unit = "patch" if train.patches is not None else "image"
         result = engine.fit(
             model,
-            self.data.splits["train"],
+            train,
             self.data.splits["val"],
             settings,
             augment=augment,
             on_epoch=on_epoch,
             device=self.device,
+            on_step=self.progress.meter(trial.number, settings.epochs, unit, self.device),
         )
         if not result.best_metrics:
             raise RuntimeError(f"no epoch produced a finite {metric}")

@@ -92,6 +92,7 @@ def run_search(req: SearchRequest) -> optuna.Study:
     progress = Progress(study, req.trials, req.study.objective.metric)
     deadline = time.time() + req.timeout_s if req.timeout_s else None
     objective = Objective(req, data, tracker, experiment_id, parent, progress, deadline)
+    progress.device(objective.device)
     story = StudyStory(tracker, experiment_id, parent, req.trials)
     try:
         with _sigterm_as_interrupt():
