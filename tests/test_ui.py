@@ -83,8 +83,10 @@ def test_ui_serves_the_embedded_store(workdir):
     assert "workflowType=machine_learning" in output
 
 
-def test_a_study_tells_its_story_in_mlflow(workdir, cli):
+def test_a_study_tells_its_story_in_mlflow(workdir, cli, monkeypatch):
     """The parent run, trial runs and experiment carry what the UI needs, the MLflow way."""
+    # Absolute: MLflow keeps one engine per URI per process (see conftest._own_tracking_store).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     result = cli("search", "--config", write_study(workdir / "tiny.yaml"), "--trials", 6)
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="synthetic-tiny", storage="sqlite:///optuna.db")
