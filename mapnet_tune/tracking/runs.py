@@ -241,7 +241,17 @@ class RunTracker:
         """
         dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
         inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
-        self._write(lambda: self.client.log_inputs(run_id, datasets=inputs))
+
+        def log() -> None:
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except mlflow.exceptions.MlflowException:
+                # Workers starting together race to create the experiment's one dataset
+                # record and the loser's insert fails; once it exists, linking it works.
+                time.sleep(0.5)
+                self.client.log_inputs(run_id, datasets=inputs)
+
+        self._write(log)
 
     def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
         """Store an RGB uint8 image as a PNG artifact."""
