@@ -148,6 +148,51 @@ def _options(pairs: tuple[str, ...]) -> dict:
     help="Worker processes per GPU with --gpus [default: 1].",
 )
 @click.option(
+    "--executor",
+    type=click.Choice(["slurm", "local"]),
+    help="Submit --workers workers through submitit: slurm as one job array, local as "
+    "processes on this machine; returns once submitted (needs PostgreSQL or a journal "
+    "file, and an MLflow server).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker tasks with --executor [default: 1].",
+)
+@click.option("--wait", is_flag=True, help="With --executor: follow the study until it completes.")
+@click.option("--slurm-partition", metavar="NAME", help="SLURM partition [default: the cluster's].")
+@click.option(
+    "--slurm-time",
+    metavar="DURATION",
+    help="Time limit of each task, e.g. 4h or 1-00:00:00 [default: the partition's]; "
+    "SIGUSR1 two minutes before it stops the task cleanly.",
+)
+@click.option(
+    "--slurm-gpus-per-worker",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="GPUs each task asks for (sbatch --gpus-per-node).",
+)
+@click.option(
+    "--slurm-option",
+    "slurm_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other sbatch option, e.g. account=lab, mem=32G, cpus-per-task=8 (repeatable).",
+)
+@click.option(
+    "--slurm-requeue",
+    is_flag=True,
+    help="Put a task that reaches its time limit back in the queue (after its trial is "
+    "queued again).",
+)
+@click.option(
+    "--slurm-folder",
+    type=click.Path(),
+    help="Folder for the tasks' logs and pickles; %A is the job id "
+    "[default: .mapnet-tune/slurm/%A].",
+)
+@click.option(
     "--heartbeat-interval",
     type=click.IntRange(min=1),
     default=30,
@@ -170,15 +215,24 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
     """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow.
 
     Any number of workers, on one machine or many, share a study through the same
-    --storage and --tracking-uri; --trials is the total across all of them.
+    --storage and --tracking-uri; --trials is the total across all of them. --executor
+    slurm submits them as one SLURM job array (see docs/deploy.md).
     """
     from mapnet_tune.study.request import search_request
+    from mapnet_tune.study.submission import SUBMIT_OPTIONS, submission
     from mapnet_tune.study.summary import trials_table
 
+    submit = submission(gpus=gpus, **{name: opts.pop(name) for name in SUBMIT_OPTIONS})
     req = search_request(timeout_s=_duration(timeout), **opts)
     if trials_per_gpu is not None and gpus is None:
         raise UserError("--trials-per-gpu needs --gpus, e.g. --gpus 0,1 --trials-per-gpu 2")
-    if gpus is not None:
+    if submit is not None:
+        from mapnet_tune.study.slurm import submit_search
+
+        study = submit_search(req, submit)
+        if study is None:
+            return
+    elif gpus is not None:
         from mapnet_tune.study.launcher import parse_gpus, run_workers
 
         study = run_workers(req, parse_gpus(gpus), trials_per_gpu or 1)

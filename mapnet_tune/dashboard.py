@@ -25,7 +25,7 @@ def serve(storage: str | None, host: str, port: int) -> None:
             f"no Optuna storage at {url}; run `mapnet-tune search` here first, or pass "
             f"--storage / set MAPNET_TUNE_STORAGE"
         )
-    opened = open_storage(url, heartbeat=False)
+    opened = open_storage(url, heartbeat=False, must_exist=True)
     # Imported here: the dashboard and its web server are only needed by this command.
     import optuna_dashboard
 

@@ -2,18 +2,26 @@
 finished trials.
 
 Both stages read studies through this module, so that retrain-best needs nothing from the
-search's worker code.
+search's worker code. A storage is an SQLAlchemy URL (PostgreSQL for shared studies) or a
+journal file, ``journal:///relative/study.log`` or ``journal:////absolute/study.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy.exc
+from optuna.exceptions import UpdateFinishedTrialError
+
+# Not exported by optuna.storages, but it is what fail_stale_trials and Study.optimize look for.
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from mapnet_tune.errors import UserError, redact_url
@@ -33,6 +41,13 @@ SURPLUS_ATTR = "surplus"
 # Workers starting together on a new database race to create Optuna's tables; the losers
 # find them created on a later try.
 _SCHEMA_TRIES = 3
+#: The scheme of a journal-file storage. As in SQLAlchemy's ``sqlite:///`` URLs, what follows
+#: the three slashes is the path: relative to the working directory, or absolute when it
+#: starts with a fourth slash.
+JOURNAL_SCHEME = "journal:///"
+#: Trial system attribute that a running trial's worker rewrites in a journal file as its
+#: heartbeat (Optuna's JournalStorage has none).
+HEARTBEAT_ATTR = "mapnet_tune:heartbeat"
 
 
 def open_storage(
@@ -42,20 +57,37 @@ def open_storage(
     heartbeat_s: int = HEARTBEAT_S,
     grace_s: int = GRACE_S,
     on_lost: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> optuna.storages.RDBStorage:
-    """An RDB storage, with heartbeats so that a lost worker's trial is failed and retried.
+    must_exist: bool = False,
+) -> optuna.storages.BaseStorage:
+    """A storage with heartbeats, so that a lost worker's trial is failed and retried.
 
     Args:
-        url: An SQLAlchemy URL.
+        url: An SQLAlchemy URL, or a journal file (``journal:///PATH``, see
+            :func:`journal_path`).
         heartbeat: Record heartbeats of running trials; off for commands that only read.
         heartbeat_s: Seconds between two heartbeats of a running trial.
         grace_s: Seconds without a heartbeat after which a running trial counts as lost.
         on_lost: Called by whichever worker finds a lost trial, once it is marked failed;
             by default the trial is re-queued.
+        must_exist: Refuse a journal file that does not exist yet (commands that read a
+            study), instead of creating it.
 
     Raises:
-        UserError: When the database cannot be reached, or the grace period is too short.
+        UserError: When the database cannot be reached, the journal file cannot be opened,
+            or the grace period is too short.
     """
+    if heartbeat and grace_s <= heartbeat_s:
+        raise UserError(
+            f"--grace-period ({grace_s} s) must be longer than "
+            f"--heartbeat-interval ({heartbeat_s} s), or live trials would "
+            f"count as lost"
+        )
+    journal = journal_path(url)
+    if journal is not None:
+        backend = _journal_file(journal, must_exist)
+        if not heartbeat:
+            return JournalStorage(backend)
+        return HeartbeatJournalStorage(backend, heartbeat_s, grace_s, on_lost or retry_lost())
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several processes may share one SQLite file; wait for locks instead of failing.
@@ -66,12 +98,6 @@ def open_storage(
         # Heartbeats are marked experimental; they are what makes crash recovery work.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat:
-            if grace_s <= heartbeat_s:
-                raise UserError(
-                    f"--grace-period ({grace_s} s) must be longer than "
-                    f"--heartbeat-interval ({heartbeat_s} s), or live trials would "
-                    f"count as lost"
-                )
             kwargs.update(
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
@@ -99,6 +125,105 @@ def _storage_error(url: str, exc: Exception) -> UserError:
     )
 
 
+def journal_path(url: str) -> Path | None:
+    """The file of a journal storage URL; None for any other URL.
+
+    ``journal:///study.log`` is relative to the working directory and
+    ``journal:////shared/study.log`` absolute, as in SQLAlchemy's ``sqlite:///`` URLs.
+
+    Raises:
+        UserError: For a ``journal:`` URL without a path after three slashes.
+    """
+    if not url.startswith("journal:"):
+        return None
+    path = url.removeprefix(JOURNAL_SCHEME)
+    if path == url or not path.strip("/"):
+        raise UserError(
+            f"--storage {url} names no journal file; use {JOURNAL_SCHEME}study.log (relative "
+            f"to the working directory) or {JOURNAL_SCHEME}/shared/path/study.log (absolute)"
+        )
+    return Path(path)
+
+
+def _journal_file(path: Path, must_exist: bool) -> JournalFileBackend:
+    """The journal file, created if missing unless ``must_exist``; its lock file sits beside it.
+
+    Raises:
+        UserError: When it is missing and must exist, or cannot be opened.
+    """
+    if must_exist and not path.is_file():
+        raise UserError(
+            f"Optuna journal {path} does not exist; check --storage or MAPNET_TUNE_STORAGE "
+            f"({JOURNAL_SCHEME}relative/path or {JOURNAL_SCHEME}/absolute/path), or run "
+            f"mapnet-tune search first"
+        )
+    try:
+        return JournalFileBackend(str(path))
+    except OSError as exc:
+        raise UserError(
+            f"Optuna journal {path} cannot be opened ({exc.strerror or exc}); create its "
+            f"folder, or pass --storage {JOURNAL_SCHEME}PATH with a folder this user can write"
+        ) from None
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal-file storage with the heartbeats that Optuna gives only RDB storages.
+
+    A running trial's worker appends a heartbeat record (the trial's ``HEARTBEAT_ATTR``) every
+    ``heartbeat_s`` seconds. A trial is stale once a worker watching the study has seen no new
+    heartbeat of it for ``grace_s`` seconds of its own clock, so the machines' clocks need not
+    agree; a worker that has just started therefore watches for one grace period before it
+    can call a trial lost. Optuna's ``fail_stale_trials`` then fails it and ``on_lost``
+    re-queues it, exactly as with PostgreSQL.
+
+    Args:
+        backend: The journal file.
+        heartbeat_s: Seconds between two heartbeats of a running trial.
+        grace_s: Seconds without a new heartbeat after which a running trial counts as lost.
+        on_lost: Called with each trial this worker failed as stale.
+    """
+
+    def __init__(
+        self,
+        backend: JournalFileBackend,
+        heartbeat_s: int,
+        grace_s: int,
+        on_lost: Callable[[optuna.Study, FrozenTrial], None],
+    ) -> None:
+        super().__init__(backend)
+        self._heartbeat_s, self._grace_s, self._on_lost = heartbeat_s, grace_s, on_lost
+        # trial id -> (the last heartbeat seen, when this worker first saw it)
+        self._seen: dict[int, tuple[Any, float]] = {}
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Append a heartbeat of a running trial to the journal."""
+        # Another worker may have failed it as lost; the objective finds out on its next write.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.monotonic()
+        stale = []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+            seen = self._seen.get(trial._trial_id)
+            if seen is None or seen[0] != beat:
+                self._seen[trial._trial_id] = (beat, now)
+            elif now - seen[1] > self._grace_s:
+                stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        """Seconds between two heartbeats of a running trial."""
+        return self._heartbeat_s
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None]:
+        """What is done with a trial once it is failed as stale."""
+        return self._on_lost
+
+
 def retry_lost() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
     """Optuna's callback that re-queues a lost trial, up to ``LOST_RETRIES`` times."""
     with warnings.catch_warnings():
@@ -113,7 +238,7 @@ def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
         UserError: Listing the studies that do exist.
     """
     url = resolve_storage(storage)
-    store = open_storage(url, heartbeat=False)
+    store = open_storage(url, heartbeat=False, must_exist=True)
     names = [s.study_name for s in optuna.get_all_study_summaries(store)]
     if name is None and len(names) == 1:
         name = names[0]

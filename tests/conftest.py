@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import click
 import cv2
 import numpy as np
+import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -18,6 +30,7 @@ from mapnet_tune.cli import main
 from mapnet_tune.data import get_loader
 from mapnet_tune.engine import Evaluation
 from mapnet_tune.modelcard import ModelCard
+from mapnet_tune.storage import open_storage
 
 TINY_STUDY = {
     "dataset": {
@@ -70,6 +83,29 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def parse_command(command: click.Command, name: str, args: list[str]) -> dict:
+    """Parse ``args`` as the real command line would, without running it."""
+    return command.make_context(name, list(args)).params
+
+
+def interpolate_compose(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, innermost first."""
+    pattern = re.compile(r"\$\{(\w+)(?:(:?[-?])([^${}]*))?\}")
+
+    def value(m: re.Match) -> str:
+        name, op, arg = m.groups()
+        found = env.get(name)
+        if op in (":-", ":?") and not found or op in ("-", "?") and found is None:
+            if op and op.endswith("?"):
+                raise KeyError(f"{name}: {arg}")
+            return arg or ""
+        return found or ""
+
+    while pattern.search(text):
+        text = pattern.sub(value, text)
+    return text
 
 
 def unavailable(component: str, why: str):
@@ -244,3 +280,162 @@ def _isolate(patch: pytest.MonkeyPatch, folder: Path, cache: Path) -> None:
     for var in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE"):
         patch.delenv(var, raising=False)
     patch.setenv("MAPNET_TUNE_CACHE", str(cache))
+
+
+# Real servers for the tests of several workers: fresh PostgreSQL databases and a real
+# ``mlflow server`` process (test_scaleout, test_slurm).
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def until(check: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = check()
+        except optuna.exceptions.StorageInternalError:
+            found = None  # the polling raced a worker creating Optuna's tables
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def new_database() -> Iterator[Callable[[str], str]]:
+    """Make fresh PostgreSQL databases for a module (dropped at its end); returns URLs."""
+    import psycopg2
+    import sqlalchemy
+
+    url = os.environ.get("MAPNET_TUNE_POSTGRES_URL")
+    if not url:
+        pytest.skip("set MAPNET_TUNE_POSTGRES_URL to a PostgreSQL server (as .ci/run does)")
+    admin = sqlalchemy.make_url(url)
+    conn = psycopg2.connect(
+        host=admin.host,
+        port=admin.port,
+        user=admin.username,
+        password=admin.password,
+        dbname=admin.database,
+    )
+    conn.autocommit = True
+    suffix = secrets.token_hex(4)
+    made: list[str] = []
+
+    def create(role: str) -> str:
+        name = f"mapnet_tune_test_{role}_{suffix}"
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return admin.set(database=name).render_as_string(hide_password=False)
+
+    yield create
+    with conn.cursor() as cur:
+        for name in made:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+class MlflowServer:
+    """``mlflow server`` on a free local port, with the given backend store; restartable."""
+
+    def __init__(self, backend: str, root: Path) -> None:
+        self.backend, self.root, self.port = backend, root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers its health check."""
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            self.backend,
+            "--artifacts-destination",
+            str(self.root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 (the server keeps it)
+        # Its own session, so that stop() reaches the web workers it forks.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        until(self._healthy, 120, "the MLflow server to start")
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError((self.root / "mlflow-server.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server and the processes it started."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(new_database, tmp_path_factory) -> Iterator[tuple[str, MlflowServer]]:
+    """(Optuna storage URL, running MLflow server), shared by the tests of a module."""
+    server = MlflowServer(new_database("mlflow"), tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield new_database("optuna"), server
+    server.stop()
+
+
+@functools.cache
+def polled_storage(url: str) -> optuna.storages.BaseStorage:
+    """One storage per URL for all polling: a fresh one per look would open a connection pool
+    each time (five looks a second) and run the server out of connections."""
+    return open_storage(url, heartbeat=False)
+
+
+def polled_study(storage: str, name: str) -> optuna.Study:
+    """The study ``name`` in ``storage``, as the tests poll it."""
+    return optuna.load_study(study_name=name, storage=polled_storage(storage))
+
+
+def mid_training(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials that are mid-training: running, with their MLflow run and an epoch reported."""
+    if name not in optuna.get_all_study_names(polled_storage(storage)):
+        return []
+    running = polled_study(storage, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    return [t for t in running if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
+
+
+def running_trial(storage: str, name: str) -> optuna.trial.FrozenTrial | None:
+    """A trial that is mid-training, if any."""
+    return next(iter(mid_training(storage, name)), None)
+
+
+def study_runs(client, study: str) -> tuple[list, list]:
+    """(parent runs, trial runs) of a study's MLflow experiment; ``client`` an MlflowClient."""
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return (
+        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "study"],
+        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "trial"],
+    )

@@ -15,13 +15,13 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
-import click
 import jsonschema
 import pytest
 import yaml
 from mlflow.cli import cli as mlflow_cli
 
 from mapnet_tune.cli import main
+from tests.conftest import interpolate_compose, parse_command
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -33,29 +33,6 @@ SECRETS = (
     "MLFLOW_ADMIN_PASSWORD",
     "MLFLOW_SECRET_KEY",
 )
-
-
-def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, innermost first."""
-    pattern = re.compile(r"\$\{(\w+)(?:(:?[-?])([^${}]*))?\}")
-
-    def value(m: re.Match) -> str:
-        name, op, arg = m.groups()
-        found = env.get(name)
-        if op in (":-", ":?") and not found or op in ("-", "?") and found is None:
-            if op and op.endswith("?"):
-                raise KeyError(f"{name}: {arg}")
-            return arg or ""
-        return found or ""
-
-    while pattern.search(text):
-        text = pattern.sub(value, text)
-    return text
-
-
-def _parse(command: click.Command, name: str, args: list[str]) -> dict:
-    """Parse ``args`` as the real command line would, without running it."""
-    return command.make_context(name, list(args)).params
 
 
 def test_compose_file_follows_the_compose_spec():
@@ -101,8 +78,8 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
 def test_worker_runs_the_real_search_command():
     entrypoint = re.search(r"^ENTRYPOINT (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
     assert entrypoint and json.loads(entrypoint.group(1)) == ["mapnet-tune"]
-    args = [_interpolate(str(a), {}) for a in SERVICES["worker"]["command"]]
-    params = _parse(main.commands[args[0]], args[0], args[1:])
+    args = [interpolate_compose(str(a), {}) for a in SERVICES["worker"]["command"]]
+    params = parse_command(main.commands[args[0]], args[0], args[1:])
     assert params["gpus"] is not None, "one worker process per GPU slot"
     env = SERVICES["worker"]["environment"]
     assert env["MAPNET_TUNE_STORAGE"].startswith("postgresql+psycopg2://")
@@ -116,8 +93,8 @@ def test_mlflow_server_runs_with_basic_auth_and_real_options():
     assert "FROM ghcr.io/mlflow/mlflow:v3.17.2" in dockerfile
     assert "psycopg2-binary" in dockerfile and "boto3" in dockerfile
     service = SERVICES["mlflow"]
-    args = [_interpolate(str(a), {}) for a in service["command"]]
-    params = _parse(mlflow_cli.commands["server"], "server", args)
+    args = [interpolate_compose(str(a), {}) for a in service["command"]]
+    params = parse_command(mlflow_cli.commands["server"], "server", args)
     assert params["app_name"] == "basic-auth"
     allowed = params["allowed_hosts"].split(",")
     assert {"mlflow", "mlflow:5000", "localhost"} <= set(allowed)
@@ -127,7 +104,7 @@ def test_mlflow_server_runs_with_basic_auth_and_real_options():
 def test_ports_stay_local_and_secrets_come_from_env():
     for name, service in SERVICES.items():
         for port in service.get("ports", []):
-            assert _interpolate(port, {}).startswith("127.0.0.1:"), (name, port)
+            assert interpolate_compose(port, {}).startswith("127.0.0.1:"), (name, port)
         for key, value in service.get("environment", {}).items():
             value = str(value)
             if any(word in key for word in ("PASSWORD", "SECRET")):
@@ -138,7 +115,7 @@ def test_ports_stay_local_and_secrets_come_from_env():
     # Without .env the compose file refuses to start rather than run with empty passwords.
     for key in SECRETS:
         with pytest.raises(KeyError, match=key):
-            _interpolate(
+            interpolate_compose(
                 (ROOT / "docker-compose.yml").read_text(), {k: "x" for k in SECRETS if k != key}
             )
     example = dict(
@@ -173,4 +150,4 @@ def test_deploy_doc_commands_are_real():
     assert {name for name, _ in commands} >= {"search", "prepare"}
     for name, args in commands:
         assert name in main.commands, f"mapnet-tune {name} does not exist"
-        _parse(main.commands[name], name, args)
+        parse_command(main.commands[name], name, args)

@@ -7,149 +7,35 @@ with a short heartbeat so that a lost worker's trial is retried within seconds.
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
-import psycopg2
 import pytest
-import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from mapnet_tune.names import PARENT_ATTR
 from mapnet_tune.storage import is_surplus
-from tests.conftest import write_study
+from tests.conftest import (
+    MlflowServer,
+    free_port,
+    polled_study,
+    running_trial,
+    study_runs,
+    until,
+    write_study,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 CLI = Path(sys.executable).parent / "mapnet-tune"
 HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "5"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _until(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = check()
-        except optuna.exceptions.StorageInternalError:
-            found = None  # the polling raced a worker creating Optuna's tables
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def new_database() -> Iterator[Callable[[str], str]]:
-    """Make fresh PostgreSQL databases for this module (dropped at its end); returns URLs."""
-    url = os.environ.get("MAPNET_TUNE_POSTGRES_URL")
-    if not url:
-        pytest.skip("set MAPNET_TUNE_POSTGRES_URL to a PostgreSQL server (as .ci/run does)")
-    admin = sqlalchemy.make_url(url)
-    conn = psycopg2.connect(
-        host=admin.host,
-        port=admin.port,
-        user=admin.username,
-        password=admin.password,
-        dbname=admin.database,
-    )
-    conn.autocommit = True
-    suffix = secrets.token_hex(4)
-    made: list[str] = []
-
-    def create(role: str) -> str:
-        name = f"mapnet_tune_test_{role}_{suffix}"
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return admin.set(database=name).render_as_string(hide_password=False)
-
-    yield create
-    with conn.cursor() as cur:
-        for name in made:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
-
-
-class MlflowServer:
-    """``mlflow server`` on a free local port, with a PostgreSQL backend; restartable."""
-
-    def __init__(self, backend: str, root: Path) -> None:
-        self.backend, self.root, self.port = backend, root, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        """Start the server and wait until it answers its health check."""
-        cmd = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            self.backend,
-            "--artifacts-destination",
-            str(self.root / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-        ]
-        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 (the server keeps it)
-        # Its own session, so that stop() reaches the web workers it forks.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        log.close()
-        _until(self._healthy, 120, "the MLflow server to start")
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError((self.root / "mlflow-server.log").read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Stop the server and the processes it started."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def servers(new_database, tmp_path_factory) -> Iterator[tuple[str, MlflowServer]]:
-    """(Optuna storage URL, running MLflow server), shared by the tests of this module."""
-    server = MlflowServer(new_database("mlflow"), tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield new_database("optuna"), server
-    server.stop()
 
 
 class Worker:
@@ -206,43 +92,13 @@ class Worker:
         return self.log.read_text()
 
 
-@functools.cache
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    """One storage per URL for all polling: a fresh one per look would open a connection pool
-    each time (five looks a second) and run the server out of connections."""
-    return optuna.storages.RDBStorage(url)
-
-
-def _study(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=_storage(storage))
-
-
-def _running_trial(storage: str, name: str) -> optuna.trial.FrozenTrial | None:
-    """A trial that is mid-training: running, with its MLflow run and an epoch reported."""
-    if name not in optuna.get_all_study_names(_storage(storage)):
-        return None
-    running = _study(storage, name).get_trials(states=(TrialState.RUNNING,))
-    return next(
-        (t for t in running if "mlflow_run_id" in t.user_attrs and t.intermediate_values), None
-    )
-
-
-def _runs(client: MlflowClient, study: str) -> tuple[list, list]:
-    exp = client.get_experiment_by_name(study)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return (
-        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "study"],
-        [r for r in runs if r.data.tags.get("mapnet_tune.role") == "trial"],
-    )
-
-
 def test_two_workers_share_one_study(servers, tmp_path):
     storage, server = servers
     cfg = write_study(tmp_path / "tiny.yaml")
     workers = [Worker(tmp_path, cfg, "pair", 6, storage, server.url) for _ in range(2)]
     outputs = [w.finish() for w in workers]
 
-    study = _study(storage, "pair")
+    study = polled_study(storage, "pair")
     trials = study.get_trials()
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == 6
@@ -252,7 +108,7 @@ def test_two_workers_share_one_study(servers, tmp_path):
     assert all(is_surplus(t) for t in trials if t.state == TrialState.FAIL)
     assert all(" done: " in out for out in outputs), "each worker runs trials"
 
-    parents, children = _runs(MlflowClient(server.url), "pair")
+    parents, children = study_runs(MlflowClient(server.url), "pair")
     assert [p.info.run_id for p in parents] == [study.user_attrs[PARENT_ATTR]]
     assert len(children) == 6
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in finished}
@@ -265,7 +121,7 @@ def test_killed_worker_trial_is_failed_and_retried(servers, tmp_path):
     storage, server = servers
     cfg = write_study(tmp_path / "long.yaml", train={"epochs": 10})
     first = Worker(tmp_path, cfg, "kill", 2, storage, server.url)
-    lost = _until(lambda: _running_trial(storage, "kill"), 90, "a trial mid-training")
+    lost = until(lambda: running_trial(storage, "kill"), 90, "a trial mid-training")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
 
@@ -273,7 +129,7 @@ def test_killed_worker_trial_is_failed_and_retried(servers, tmp_path):
     out = Worker(tmp_path, cfg, "kill", 2, storage, server.url).finish()
     assert f"t{lost.number:04d} FAILED: worker lost" in out
 
-    trials = _study(storage, "kill").get_trials()
+    trials = polled_study(storage, "kill").get_trials()
     assert trials[lost.number].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
     assert [t.state for t in retries] == [TrialState.COMPLETE]
@@ -284,14 +140,14 @@ def test_killed_worker_trial_is_failed_and_retried(servers, tmp_path):
     run = client.get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED"
     assert "no heartbeat" in run.data.tags["mapnet_tune.end_reason"]
-    _, children = _runs(client, "kill")
+    _, children = study_runs(client, "kill")
     assert all(r.info.status != "RUNNING" for r in children)
 
 
 def test_unreachable_tracking_server_fails_fast(servers, tmp_path):
     storage, _ = servers
     cfg = write_study(tmp_path / "tiny.yaml")
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run(
         [
             str(CLI),
@@ -327,11 +183,13 @@ def test_tracking_outage_mid_trial(new_database, tmp_path):
     try:
         cfg = write_study(tmp_path / "long.yaml", train={"epochs": 10})
         worker = Worker(tmp_path, cfg, "outage", 2, storage, server.url)
-        trial = _until(lambda: _running_trial(storage, "outage"), 90, "a trial mid-training")
+        trial = until(lambda: running_trial(storage, "outage"), 90, "a trial mid-training")
         server.stop()
         # The trial's result reaches Optuna while the server is down.
-        _until(
-            lambda: _study(storage, "outage").trials[trial.number].state == TrialState.COMPLETE,
+        until(
+            lambda: (
+                polled_study(storage, "outage").trials[trial.number].state == TrialState.COMPLETE
+            ),
             90,
             "the trial to complete without the tracking server",
         )
@@ -342,4 +200,4 @@ def test_tracking_outage_mid_trial(new_database, tmp_path):
         server.stop()
     assert "is unreachable" in out and "is marked FINISHED when the server returns" in out
     assert run.info.status == "FINISHED"
-    assert len(_study(storage, "outage").get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert len(polled_study(storage, "outage").get_trials(states=(TrialState.COMPLETE,))) == 2

@@ -49,8 +49,14 @@ def parse_gpus(text: str) -> list[str]:
     return gpus
 
 
-def check_shared_stores(req: SearchRequest) -> None:
+def check_shared_stores(req: SearchRequest, option: str = "--gpus") -> None:
     """Refuse stores that several worker processes cannot write to at once.
+
+    PostgreSQL and journal files (``journal:///``, made for many writers) pass.
+
+    Args:
+        req: The search, with its storage and tracking URI.
+        option: The option that asks for several workers, for the message.
 
     Raises:
         UserError: For an SQLite Optuna storage or MLflow store.
@@ -61,13 +67,14 @@ def check_shared_stores(req: SearchRequest) -> None:
     )
     if req.storage.startswith("sqlite"):
         raise UserError(
-            f"--gpus needs a shared Optuna storage, not SQLite: {why}; start "
+            f"{option} needs a shared Optuna storage, not SQLite: {why}; start "
             f"PostgreSQL (docker compose up -d postgres, see docs/deploy.md) and pass "
-            f"--storage postgresql+psycopg2://USER@HOST/DB or set MAPNET_TUNE_STORAGE"
+            f"--storage postgresql+psycopg2://USER@HOST/DB, or pass --storage "
+            f"journal:////shared/path/study.log, or set MAPNET_TUNE_STORAGE"
         )
     if resolve_tracking_uri(req.tracking_uri).startswith("sqlite"):
         raise UserError(
-            f"--gpus needs an MLflow tracking server, not SQLite: {why}; start one "
+            f"{option} needs an MLflow tracking server, not SQLite: {why}; start one "
             f"(docker compose up -d mlflow, see docs/deploy.md) and pass "
             f"--tracking-uri http://HOST:5000 or set MLFLOW_TRACKING_URI"
         )
