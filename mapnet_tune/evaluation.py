@@ -8,7 +8,7 @@ from mapnet_tune import engine
 from mapnet_tune.data import prepare
 from mapnet_tune.errors import UserError
 from mapnet_tune.metrics import format_header, format_row, legacy_lung_columns
-from mapnet_tune.predict import load_model
+from mapnet_tune.predict import load_predictor
 
 
 def evaluate_model(
@@ -43,7 +43,8 @@ def evaluate_model(
     Raises:
         UserError: Unknown model or split, a model trained on another dataset, or bad data.
     """
-    model, card, label = load_model(ref, tracking_uri)
+    predictor, label = load_predictor(ref, tracking_uri, device)
+    card = predictor.card
     if card.dataset != dataset:
         raise UserError(
             f"{label} was trained on '{card.dataset}', not '{dataset}'; "
@@ -60,13 +61,12 @@ def evaluate_model(
         protocol=protocol or card.evaluation.protocol,
         stride=stride or card.evaluation.stride,
     )
-    dev = engine.pick_device(device)
     metrics = engine.evaluate(
-        engine.prepare_model(model, dev),
+        predictor.model,
         data.splits[split],
         evaluation,
         split,
-        device=dev,
+        device=predictor.device,
         legacy=True,
     )
     lines = [

@@ -35,11 +35,16 @@ PARENT_ATTR = "mlflow_parent_run_id"
 
 #: Aliases of the registered model: the newest version, and the one the gate chose.
 CHAMPION, CHALLENGER = "champion", "challenger"
-#: Where a registered version's run keeps its checkpoint and its held-out ROC points.
+#: Where a version registered before servable models keeps its checkpoint, and where a
+#: registered version's run keeps its held-out ROC points.
 CHECKPOINT_ARTIFACT = "checkpoint/mapnet.pt"
 ROC_ARTIFACT = "evaluation/roc.json"
 #: Where a trial's run keeps the overlays of its best epoch.
 OVERLAY_ARTIFACT = "overlays/best_epoch.png"
+#: Version tag of a servable registered model (an MLflow pyfunc over a model folder), and its
+#: value; versions without it were registered before and carry only a checkpoint.
+MODEL_FORMAT_TAG = "mapnet_tune.model_format"
+SERVABLE_FORMAT = "pyfunc-1"
 #: Tag prefix of the metrics on a registered version: ``metric.cv/val/iou_mean``.
 METRIC_TAG = "metric."
 #: The study parent run's metrics, one step per finished trial: the best objective so far,

@@ -33,9 +33,11 @@ from mapnet_tune.names import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
     GIT_TAG,
+    MODEL_FORMAT_TAG,
     REPORT_SOURCE,
     ROC_ARTIFACT,
     ROLE_TAG,
+    SERVABLE_FORMAT,
     STUDY_TAG,
     model_name,
 )
@@ -184,10 +186,19 @@ def registered_summary(dataset: str, tracking_uri: str | None) -> str:
         chosen = v.tags.get("selection_metric", "?")
         test = {k: x for k, x in metrics.items() if k.startswith("test/") and k.count("/") == 1}
         shown = f"test/iou {test['test/iou']:.4f}" if "test/iou" in test else "no test"
+        servable = (
+            ""
+            if v.tags.get(MODEL_FORMAT_TAG) == SERVABLE_FORMAT
+            else "; not servable (registered before servable models: predict, evaluate and "
+            "report read its checkpoint; `retrain-best --force` registers a servable one)"
+        )
         lines.append(
             f"  {v.label}: trial {v.tags.get('trial', '?')}, recipe {v.tags.get('recipe', '?')}, "
-            f"{chosen} {metrics.get(chosen, math.nan):.4f}, {shown}"
+            f"{chosen} {metrics.get(chosen, math.nan):.4f}, {shown}{servable}"
         )
+    champion = next((v for v in versions if CHAMPION in v.aliases), None)
+    if champion is not None and champion.tags.get(MODEL_FORMAT_TAG) == SERVABLE_FORMAT:
+        lines += ["", *tracker.serve_commands(f"models:/{champion.name}@{CHAMPION}")]
     return "\n".join(lines)
 
 

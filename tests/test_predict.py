@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-import mlflow.pytorch
+import mlflow.pyfunc
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from mapnet_tune import engine
-from mapnet_tune.data import preprocess_images, read_image
+from mapnet_tune.data import read_image
 from mapnet_tune.data.synthetic import vessel_image
-from mapnet_tune.predict import CHECKPOINT_ARTIFACT
-from mapnet_tune.tracking import Tracker
+from mapnet_tune.names import CHECKPOINT_ARTIFACT
 
 pytestmark = pytest.mark.slow
 
@@ -43,28 +39,39 @@ def test_predict_writes_masks_at_each_size_matching_the_logged_model(registry, c
     assert result.exit_code == 0, result.output
     assert "wrote 3 probability map(s) and mask(s)" in result.output
 
-    # The MLflow pytorch model of the same version, fed the recorded preprocessing.
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    mlflow.set_tracking_uri(uri)
-    logged = mlflow.pytorch.load_model(CHAMPION).eval()
-    version = Tracker().resolve_model(CHAMPION)
-    settings = json.loads(version.tags["preprocessing"])
+    # The MLflow model of the same version, loaded by MLflow itself, fed the raw images.
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    served = mlflow.pyfunc.load_model(CHAMPION)
     for path in paths:
-        prob = np.asarray(Image.open(registry / "out" / f"{path.stem}_prob.png")) / 255.0
+        prob = np.asarray(Image.open(registry / "out" / f"{path.stem}_prob.png"))
         mask = np.asarray(Image.open(registry / "out" / f"{path.stem}_mask.png"))
         raw = read_image(path)
         assert prob.shape == mask.shape == raw.shape[:2]
-        x = preprocess_images(settings, [raw])
-        expected = engine.predict(logged, x, device=torch.device("cpu"))[0, 0]
-        np.testing.assert_allclose(prob, expected.numpy(), atol=0.6 / 255)
-        clear = np.abs(expected.numpy() - 0.5) > 1 / 255
-        np.testing.assert_array_equal(mask[clear] > 0, expected.numpy()[clear] >= 0.5)
+        expected = served.predict(raw)
+        assert expected["probability"].shape == raw.shape[:2]
+        np.testing.assert_array_equal(prob, np.round(expected["probability"] * 255))
+        np.testing.assert_array_equal(mask, expected["mask"] * 255)
         assert set(np.unique(mask)) <= {0, 255}
 
     tta = cli("predict", "--model", CHAMPION, paths[1], "--out", registry / "tta", "--tta")
     assert tta.exit_code == 0, tta.output
     flipped = np.asarray(Image.open(registry / "tta" / "image1_prob.png"))
     assert flipped.shape == (37, 45)
+
+
+def test_predict_tiff_holds_the_served_probabilities(registry, cli):
+    paths = _images(registry / "new")
+    result = cli(
+        "predict", "--model", CHAMPION, *paths, "--out", registry / "out", "--prob-format", "tiff"
+    )
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    served = mlflow.pyfunc.load_model(CHAMPION)
+    for path in paths:
+        expected = served.predict(read_image(path))
+        prob = np.asarray(Image.open(registry / "out" / f"{path.stem}_prob.tif"))
+        assert prob.dtype == np.float32 and prob.shape == expected["probability"].shape
+        assert np.abs(prob - expected["probability"]).max() <= 1e-6
 
 
 def test_predict_rejects_bad_input_without_writing(registry, cli):

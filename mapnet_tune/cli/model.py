@@ -120,10 +120,17 @@ def retrain_best(recipes: str | None, config_path: Path | None, **opts) -> None:
     "--out",
     type=click.Path(path_type=Path),
     required=True,
-    help="Folder for NAME_prob.png and NAME_mask.png per image.",
+    help="Folder for NAME_prob.png (or .tif) and NAME_mask.png per image.",
 )
 @click.option("--tta", is_flag=True, help="Average over flips (test-time augmentation).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--prob-format",
+    type=click.Choice(["png", "tiff"]),
+    default="png",
+    show_default=True,
+    help="Probability maps as 8-bit PNG (x 255) or float32 TIFF (exact).",
+)
 @TRACKING_URI
 @DEVICE
 def predict(model_uri: str, images: tuple[str, ...], out: Path, **opts) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "get_loader",
     "prepare",
     "preprocess_images",
+    "raw_example",
     "read_image",
     "remember_source",
 ]
@@ -153,3 +154,29 @@ def preprocess_images(settings: dict, images: list[np.ndarray]) -> np.ndarray:
     if "dataset" not in settings:
         raise UserError("these settings do not name their dataset; record PreparedDataset.settings")
     return get_loader(settings["dataset"]).preprocess(settings, images)
+
+
+def raw_example(data: PreparedDataset, side: int = 32) -> np.ndarray:
+    """A small centre crop of a raw training image, as a user would send it to a model.
+
+    Read from the dataset's first source file; a generated dataset has none, so its generator
+    draws one at 8 bits per channel.
+
+    Args:
+        data: The prepared dataset.
+        side: The crop's side (smaller images are taken whole).
+    """
+    loader = get_loader(data.name)
+    root = Path(data.source)
+    if root.is_dir():
+        options = {key: data.settings[key] for key in loader.options}
+        scanned = loader.scan(root, resolve(data.name, loader.options, options))
+        image = read_image(next(item[0] for items in scanned.groups.values() for item in items))
+    else:
+        planes = synthetic.vessel_image(np.random.default_rng(0), side, data.channels)[0]
+        image = np.round(planes * 255).astype(np.uint8)
+        image = image[0] if data.channels == 1 else np.moveaxis(image, 0, -1)
+    height, width = image.shape[:2]
+    crop = min(side, height, width)
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return np.ascontiguousarray(image[top : top + crop, left : left + crop])

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -26,10 +26,7 @@ R = TypeVar("R")
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file fully into an array.
-
-    Greyscale and palette images with grey palettes come back as (H, W); colour images as
-    (H, W, 3) uint8 (alpha dropped); 16-bit and float images keep their values.
+    """Read an image file fully into an array (see :func:`decode_image`).
 
     Raises:
         UserError: Naming the file when it is missing, unreadable, truncated or not an image.
@@ -37,14 +34,30 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image file {path} does not exist")
+    return decode_image(path, str(path))
+
+
+def decode_image(source: str | Path | IO[bytes], name: str = "") -> np.ndarray:
+    """Decode an image file, from a path or a binary stream, fully into an array.
+
+    Greyscale and palette images with grey palettes come back as (H, W); colour images as
+    (H, W, 3) uint8 (alpha dropped); 16-bit and float images keep their values.
+
+    Args:
+        source: A path, or a stream of the file's bytes.
+        name: How the error names the image.
+
+    Raises:
+        UserError: When the bytes are truncated, damaged or not an image.
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             # load() decodes every byte now, so a truncated file fails here, not later.
             image.load()
             return _to_array(image)
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
         raise UserError(
-            f"cannot read image {path}: {err}. The file is damaged, truncated or not an image; "
+            f"cannot read image {name}: {err}. The file is damaged, truncated or not an image; "
             "replace it with an intact copy"
         ) from err
 

@@ -12,35 +12,46 @@ import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from mapnet_tune import checkpoint, engine
-from mapnet_tune.data import PreparedDataset
+from mapnet_tune import engine
+from mapnet_tune.data import raw_example
 from mapnet_tune.modelcard import ModelCard, tagged_metrics
-from mapnet_tune.names import CHALLENGER, CHAMPION, CHECKPOINT_ARTIFACT
+from mapnet_tune.names import CHALLENGER, CHAMPION, MODEL_FORMAT_TAG, SERVABLE_FORMAT
+from mapnet_tune.predictor import save_folder
 from mapnet_tune.recipe import describe_training
 from mapnet_tune.retrain.plan import Candidate, Plan, final_train
+from mapnet_tune.serving import served_code
 from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
 
-#: Side of the input example logged with the model (a multiple of 16).
-EXAMPLE_SIDE = 64
 
-
-def register(tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard) -> tuple[str, str]:
-    """Log the CPU model and its checkpoint, register a version, set the aliases.
+def register(
+    tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard
+) -> tuple[str, str, str]:
+    """Log the servable model, register a version, link its numbers, set the aliases.
 
     The champion gate reads validation values only. A version whose tags or aliases could
     not be set is deleted again.
+
+    Returns:
+        (version, the gate's decision in words, the logged model's id).
     """
     model = engine.clone_model(cand.model).eval()
-    log_checkpoint(tracker, cand.run_id, model, card)
-    uri, model_id = tracker.log_pytorch_model(
-        cand.run_id, model, _example(cand.data), _requirements()
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_folder(Path(tmp) / "model", model, card)
+        uri, model_id = tracker.log_served_model(
+            cand.run_id,
+            folder,
+            served_code(Path(tmp) / "code"),
+            raw_example(cand.data),
+            {"model_card": card.to_dict()},
+            requirements(),
+        )
+    # The selection numbers belong to the logged model, so its page in MLflow shows them.
+    selection = {card.selection_metric: card.selection_value, **card.validation}
+    tracker.log_metrics(cand.run_id, selection, step=card.epochs, model_id=model_id)
     version = None
     try:
-        version = tracker.register_version(plan.model_name, uri, model_id, cand.run_id, card.tags())
+        tags = {**card.tags(), MODEL_FORMAT_TAG: SERVABLE_FORMAT}
+        version = tracker.register_version(plan.model_name, uri, model_id, cand.run_id, tags)
         tracker.set_version_description(
             plan.model_name, version, card.markdown(predict_command(plan, version))
         )
@@ -56,17 +67,7 @@ def register(tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard) -> 
         if version is not None:
             tracker.delete_version(plan.model_name, version)
         raise
-    return version, decision
-
-
-def log_checkpoint(tracker: Tracker, run_id: str, model: torch.nn.Module, card: ModelCard) -> None:
-    """The checkpoint with its card, and the bare weights for users without mapnet-tune."""
-    folder = str(Path(CHECKPOINT_ARTIFACT).parent)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint.save(Path(tmp) / Path(CHECKPOINT_ARTIFACT).name, model, card)
-        tracker.log_file(run_id, path, folder)
-        torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
-        tracker.log_file(run_id, Path(tmp) / "state_dict.pt", folder)
+    return version, decision, model_id
 
 
 def predict_command(plan: Plan, version: str) -> str:
@@ -134,24 +135,32 @@ def decide_champion(
     )
 
 
-def _example(data: PreparedDataset) -> np.ndarray:
-    """A (1, C, S, S) input example: the centre of a training image, S a multiple of 16."""
-    image = data.splits["train"].images[0]
-    _, height, width = image.shape
-    side = min(EXAMPLE_SIDE, height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    crop = image[:, top : top + side, left : left + side]
-    padded = engine.padded_side(side, side)
-    return np.pad(crop, ((0, 0), (0, padded - side), (0, padded - side)))[None].copy()
+#: The distributions the served model imports, besides MLflow (which adds itself): the
+#: network, the preprocessing (OpenCV, SciPy, Pillow), the dataset options' schemas (pydantic,
+#: PyYAML) and the training code the engine package imports (albumentations).
+SERVED_DISTRIBUTIONS = (
+    "torch",
+    "numpy",
+    "safetensors",
+    "pillow",
+    "opencv-python-headless",
+    "scipy",
+    "pydantic",
+    "pyyaml",
+    "albumentations",
+)
 
 
-def _requirements() -> list[str]:
-    """Pins for the logged model: the pickle needs this package and the same torch."""
-    pins = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    try:
-        pins.append(f"mapnet-tune=={importlib.metadata.version('mapnet-tune')}")
-    except importlib.metadata.PackageNotFoundError:
-        pins.append("mapnet-tune")
+def requirements() -> list[str]:
+    """Pins of what the served model needs, at the versions it was registered with.
+
+    Only packages an index serves: mapnet-tune itself travels as code with the model.
+    """
+    pins = []
+    for dist in SERVED_DISTRIBUTIONS:
+        version = importlib.metadata.version(dist)
+        # A local build tag (torch's "+cpu") is not on the index; the release is.
+        pins.append(f"{dist}=={version.split('+')[0]}")
     return pins
 
 

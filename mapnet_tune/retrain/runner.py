@@ -19,6 +19,7 @@ from mapnet_tune.data.splits import take
 from mapnet_tune.metrics import MetricAccumulator
 from mapnet_tune.modelcard import ModelCard
 from mapnet_tune.names import (
+    CHAMPION,
     FINGERPRINT_TAG,
     FOLD_TAG,
     GIT_TAG,
@@ -46,7 +47,7 @@ from mapnet_tune.retrain.plan import (
     selection_note,
     train_and_val,
 )
-from mapnet_tune.retrain.register import log_checkpoint, make_card, predict_command, register
+from mapnet_tune.retrain.register import make_card, predict_command, register
 from mapnet_tune.tracking import Tracker, git_sha
 
 
@@ -75,6 +76,8 @@ def retrain_best(req: RetrainRequest) -> str:
     for line in lines:
         say(line)
     lines += Runner(plan, tracker).run()
+    champion = f"models:/{plan.model_name}@{CHAMPION}"
+    lines += ["", *tracker.serve_commands(champion)]
     lines += ["", tracker.browse(plan.study.study_name)]
     return "\n".join(lines)
 
@@ -223,15 +226,21 @@ class Runner:
             loss = metrics["train/loss"]
             say(f"{label} epoch {epoch + 1}/{settings.epochs} loss {loss:.4f}{shown}")
 
-        result = engine.fit(
-            model,
-            train,
-            val,
-            settings,
-            augment=rt.augmentation(cand.data.channels, self.device),
-            on_epoch=on_epoch,
-            device=self.device,
-        )
+        # GPU and CPU memory and utilisation beside the curves, as a trial's run has them.
+        monitor = self.tracker.system_metrics(run_id) if self.device.type == "cuda" else None
+        try:
+            result = engine.fit(
+                model,
+                train,
+                val,
+                settings,
+                augment=rt.augmentation(cand.data.channels, self.device),
+                on_epoch=on_epoch,
+                device=self.device,
+            )
+        finally:
+            if monitor is not None:
+                monitor.finish()
         # The last epoch is always validated: its numbers are those of the weights kept.
         final = result.history[-1] if result.history else {}
         return model, {k: v for k, v in final.items() if k.startswith("val/")}
@@ -318,7 +327,7 @@ class Runner:
                 cand, final_train(plan, cand.data), None, cand.run_id, f"{cand.tag} final"
             )
         card = make_card(plan, cand)
-        version, decision = register(self.tracker, plan, cand, card)
+        version, decision, model_id = register(self.tracker, plan, cand, card)
         say(decision)
         test = cand.data.splits.get("test")
         if test is not None:
@@ -326,8 +335,9 @@ class Runner:
             accumulator = MetricAccumulator(card.evaluation.threshold)
             metrics = self._score(cand, cand.model, test, "test", accumulator)
             card = card.with_test(metrics)
-            log_checkpoint(self.tracker, cand.run_id, engine.clone_model(cand.model).eval(), card)
-            self.tracker.log_metrics(cand.run_id, metrics, step=cand.retraining.recipe.epochs)
+            self.tracker.log_metrics(
+                cand.run_id, metrics, step=cand.retraining.recipe.epochs, model_id=model_id
+            )
             self._log_roc(cand.run_id, accumulator, metrics, "test")
             self.tracker.set_version_tags(plan.model_name, version, card.tags())
             self.tracker.set_version_description(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
 
 from mapnet_tune.errors import UserError, redact_url
@@ -27,41 +31,69 @@ class Tracker(RunTracker):
         tolerate_outages: See :class:`RunTracker`.
     """
 
-    def log_pytorch_model(
-        self, run_id: str, model: Any, input_example: np.ndarray, pip_requirements: list[str]
+    def log_served_model(
+        self,
+        run_id: str,
+        model_folder: Path,
+        code_folder: Path,
+        input_example: np.ndarray,
+        metadata: Mapping[str, Any],
+        pip_requirements: list[str],
     ) -> tuple[str, str]:
-        """Log a CPU model with the ``mlflow.pytorch`` flavour under the run.
+        """Log a model folder as an MLflow pyfunc model under the run.
 
-        The pickle format is used because the default pt2 graph is fixed to the example's
-        input size, while MAP-Net serves any size; mapnet-tune itself loads the weights-only
-        checkpoint logged next to it, never this pickle.
+        The model's ``loader_module`` is :mod:`mapnet_tune.tracking.pyfunc`; ``code_folder``
+        (the package's prediction code) travels with it, so it loads and serves where
+        mapnet-tune is not installed. It holds source, JSON and tensors, no serialised objects.
 
         Args:
             run_id: The run that produced the model.
-            model: A ``torch.nn.Module`` on the CPU in eval mode.
-            input_example: A float32 (1, C, H, W) input; the signature comes from it and the
-                model's output, so MLflow does not run its own inference.
-            pip_requirements: Pinned requirements recorded with the model.
+            model_folder: ``model.json`` and ``weights.safetensors``
+                (:func:`mapnet_tune.predictor.save_folder`).
+            code_folder: The copy of the package to carry
+                (:func:`mapnet_tune.serving.served_code`).
+            input_example: A small raw image, as a user would send it.
+            metadata: The model card, shown on the logged model's page.
+            pip_requirements: What the model needs from the package index.
 
         Returns:
             (model URI, logged model id).
         """
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
 
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        with self._global_store(), quiet("mlflow.pytorch"), mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
+        # Images come as (H, W) or (H, W, C) arrays, batches of any sizes, or file bytes:
+        # MLflow checks a tensor's rank, and the only spec that admits them all is a 1-D
+        # object tensor whose items are images. The shell checks each image itself.
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
+            outputs=Schema(
+                [
+                    TensorSpec(np.dtype(np.float32), (-1, -1), "probability"),
+                    TensorSpec(np.dtype(np.uint8), (-1, -1), "mask"),
+                ]
+            ),
+        )
+        with self._global_store(), quiet("mlflow.pyfunc"), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
                 name="model",
+                loader_module="mapnet_tune.tracking.pyfunc",
+                data_path=str(model_folder),
+                code_paths=[str(code_folder)],
+                signature=signature,
                 input_example=input_example,
-                signature=infer_signature(input_example, output),
                 pip_requirements=pip_requirements,
-                serialization_format="pickle",
+                metadata=dict(metadata),
             )
         return info.model_uri, info.model_id
+
+    def load_predictor(self, uri: str) -> Any:
+        """The :class:`~mapnet_tune.predictor.Predictor` of a registered pyfunc model.
+
+        It is loaded the way ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load it.
+        """
+        with self._global_store(), quiet("mlflow.pyfunc"):
+            return mlflow.pyfunc.load_model(uri).get_raw_model()
 
     @contextlib.contextmanager
     def _global_store(self) -> Iterator[None]:
@@ -216,6 +248,24 @@ class Tracker(RunTracker):
             head = f"Browse in the MLflow UI (start it with `{start}`):"
         return "\n".join([head, *lines])
 
+    def serve_commands(self, model_uri: str, port: int = 5001) -> list[str]:
+        """How to serve a registered model over HTTP and call it: shell lines, as printed.
+
+        The server reads the model from this store; ``mlflow`` is the one installed beside
+        mapnet-tune, so the lines work without an activated environment.
+        """
+        store = shlex.quote(redact_url(self.uri))
+        payload = '{\\"inputs\\": [\\"$(base64 -w0 IMAGE.png)\\"]}'
+        return [
+            f"Serve {model_uri} over HTTP (images of any size; PNG or TIFF bytes, base64 in JSON):",
+            f"  MLFLOW_TRACKING_URI={store} {_mlflow_command()} models serve -m {model_uri} "
+            f"--env-manager local --port {port}",
+            f"  curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json' "
+            f'-d "{payload}"',
+            '  -> {"predictions": [{"probability": [[...]], "mask": [[...]]}]}: per image, its '
+            "HxW foreground probabilities and the 0/1 mask at the model's threshold",
+        ]
+
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
         """Download one artifact of a run into ``dst``; None when the run does not have it."""
         try:
@@ -270,3 +320,17 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise UserError(
         f"model URI '{uri}' must look like models:/mapnet-drive@champion or models:/mapnet-drive/3"
     )
+
+
+def _mlflow_command() -> str:
+    """``mlflow`` as this environment runs it, with its bin folder on PATH when it is not.
+
+    ``mlflow models serve`` starts ``uvicorn`` from PATH, so naming the script is not enough;
+    the folder is relative when near (``../.venv/bin`` in the demo), else absolute.
+    """
+    folder = Path(sys.executable).parent
+    if not (folder / "mlflow").is_file() or shutil.which("mlflow") == str(folder / "mlflow"):
+        return "mlflow"
+    relative = os.path.relpath(folder)
+    shown = relative if relative.count("..") <= 1 else str(folder)
+    return f'PATH="{shown}:$PATH" mlflow'

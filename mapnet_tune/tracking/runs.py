@@ -217,11 +217,16 @@ class RunTracker:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self._write(lambda: self.client.log_batch(run_id, tags=items))
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log one step of metrics (NaN values are skipped: MLflow plots them badly)."""
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int, model_id: str | None = None
+    ) -> None:
+        """Log one step of metrics (NaN values are skipped: MLflow plots them badly).
+
+        With ``model_id`` they belong to that logged model too, and its page shows them.
+        """
         now = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), now, step)
+            Metric(k, float(v), now, step, model_id=model_id)
             for k, v in metrics.items()
             if v is not None and np.isfinite(v)
         ]
