@@ -11,7 +11,6 @@ tensors, and loading it runs only that source.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow.pyfunc
@@ -26,36 +25,34 @@ from mapnet_tune.serving import decode_inputs, encode_outputs
 MODEL_ARTIFACT = "model"
 
 
-# MLflow asks every PythonModel subclass for type hints to validate inputs with; images are
-# validated by the shell itself, with messages that name the image.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Add type hints", category=UserWarning)
+class MapNetModel(mlflow.pyfunc.PythonModel):
+    """MAP-Net for images of any size: probability map and mask per image."""
 
-    class MapNetModel(mlflow.pyfunc.PythonModel):
-        """MAP-Net for images of any size: probability map and mask per image."""
+    # MLflow would wrap ``predict`` to validate inputs against its type hints, and warns when
+    # it has none; the shell checks images itself, with messages that name them.
+    _skip_type_hint_validation = True
 
-        def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-            """Rebuild the predictor from the model folder (on CUDA when present)."""
-            self.predictor = Predictor.from_folder(context.artifacts[MODEL_ARTIFACT])
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Rebuild the predictor from the model folder (on CUDA when present)."""
+        self.predictor = Predictor.from_folder(context.artifacts[MODEL_ARTIFACT])
 
-        # No type hint on model_input: MLflow would read one as a schema for the input.
-        def predict(self, model_input, params: dict[str, Any] | None = None) -> Any:
-            """Maps and masks for one image or a batch (see :mod:`mapnet_tune.serving`).
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        """Maps and masks for one image or a batch (see :mod:`mapnet_tune.serving`).
 
-            Raises:
-                MlflowException: INVALID_PARAMETER_VALUE (HTTP 400 when served) with one line
-                    naming the bad input and the fix.
-            """
-            try:
-                images, single = decode_inputs(model_input)
-                names = ["the image"] if single else None
-                return encode_outputs(self.predictor.predict(images, names=names), single)
-            except UserError as exc:
-                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        Raises:
+            MlflowException: INVALID_PARAMETER_VALUE (HTTP 400 when served) with one line
+                naming the bad input and the fix.
+        """
+        try:
+            images, single = decode_inputs(model_input)
+            names = ["the image"] if single else None
+            return encode_outputs(self.predictor.predict(images, names=names), single)
+        except UserError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
-        def get_raw_model(self) -> Predictor:
-            """The predictor, for callers that want its options (``predict --tta``) or device."""
-            return self.predictor
+    def get_raw_model(self) -> Predictor:
+        """The predictor, for callers that want its options (``predict --tta``) or device."""
+        return self.predictor
 
 
 def _load_pyfunc(path: str) -> MapNetModel:
