@@ -1,6 +1,7 @@
 # The two quickstart commands: `make demo` (set up; on the built-in synthetic set run a
-# short search, retrain the best trial into a registered champion, predict a few new images
-# and write the report) and `make test` (set up, run the test suite).
+# short search, retrain the best trial into a registered champion, predict a few new images,
+# write the report and print how to serve the champion) and `make test` (set up, run the
+# test suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,6 +34,7 @@ demo: setup
 	cd demo && $(MT) predict --model models:/mapnet-synthetic@champion images/*.png \
 	  --out predictions
 	cd demo && $(MT) report --study synthetic
+	cd demo && $(MT) status --study synthetic
 
 test: setup
 	$(BIN)/pytest -q

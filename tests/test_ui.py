@@ -240,6 +240,15 @@ def test_the_printed_deep_links_open_the_study_in_a_browser(registry, tmp_path):
             driver.get(model)
             _wait_for_text(driver, ["MAP-Net segmentation models for", "@champion"])
             driver.save_screenshot(str(tmp_path / "registered-model.png"))
+            # The champion's logged model shows the numbers that chose it and its test score.
+            client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+            champion = client.get_model_version_by_alias("mapnet-synthetic", "champion")
+            model_id = champion.source.removeprefix("models:/")
+            experiment = client.get_logged_model(model_id).experiment_id
+            logged = f"{runs.split('#')[0]}#/experiments/{experiment}/models/{model_id}"
+            driver.get(logged)
+            _wait_for_text(driver, ["val/iou", "test/iou"])
+            driver.save_screenshot(str(tmp_path / "logged-model.png"))
         finally:
             driver.quit()
     assert (tmp_path / "study-runs.png").stat().st_size > 10_000
