@@ -106,7 +106,8 @@ def test_versions_carry_tags_artifacts_and_aliases(registry):
         assert run.data.metrics["val/iou"] == pytest.approx(float(tags["metric.val/iou"]))
         # The validation curve: every val_every (2) epochs and after the last.
         curve = _client().get_metric_history(version.run_id, "val/iou")
-        assert [m.step for m in curve] == [1]
+        # (the point linked to the logged model repeats the last one, at its step)
+        assert sorted({m.step for m in curve}) == [1]
         # The version is the logged pyfunc model, whose page shows the selection and test
         # numbers; its run keeps no checkpoint.
         assert tags["mapnet_tune.model_format"] == "pyfunc-1"

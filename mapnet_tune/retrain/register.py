@@ -26,7 +26,11 @@ from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
 def register(
     tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard
 ) -> tuple[str, str, str]:
-    """Log the servable model, register a version, link its numbers, set the aliases.
+    """Log the servable model, register a version, set the aliases.
+
+    The logged model is linked to the run's metrics at the step that holds the numbers that
+    chose it (the CV summary after the last epoch, or the last epoch's validation, counted
+    from 0), so its page in MLflow shows them.
 
     The champion gate reads validation values only. A version whose tags or aliases could
     not be set is deleted again.
@@ -44,10 +48,8 @@ def register(
             raw_example(cand.data),
             {"model_card": card.to_dict()},
             requirements(),
+            step=card.epochs if card.folds else card.epochs - 1,
         )
-    # The selection numbers belong to the logged model, so its page in MLflow shows them.
-    selection = {card.selection_metric: card.selection_value, **card.validation}
-    tracker.log_metrics(cand.run_id, selection, step=card.epochs, model_id=model_id)
     version = None
     try:
         tags = {**card.tags(), MODEL_FORMAT_TAG: SERVABLE_FORMAT}

@@ -39,6 +39,7 @@ class Tracker(RunTracker):
         input_example: np.ndarray,
         metadata: Mapping[str, Any],
         pip_requirements: list[str],
+        step: int = 0,
     ) -> tuple[str, str]:
         """Log a model folder as an MLflow pyfunc model under the run.
 
@@ -55,6 +56,7 @@ class Tracker(RunTracker):
             input_example: A small raw image, as a user would send it.
             metadata: The model card, shown on the logged model's page.
             pip_requirements: What the model needs from the package index.
+            step: MLflow links the run's metrics at this step to the logged model.
 
         Returns:
             (model URI, logged model id).
@@ -84,6 +86,7 @@ class Tracker(RunTracker):
                 input_example=input_example,
                 pip_requirements=pip_requirements,
                 metadata=dict(metadata),
+                step=step,
             )
         return info.model_uri, info.model_id
 
