@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ GRACE_S = 90
 LOST_RETRIES = 2
 #: User attribute of a trial handed back unrun because the study was already full.
 SURPLUS_ATTR = "surplus"
+#: User attribute of a trial copied from another study by ``search --warm-start``: where it
+#: ran (``{"study": NAME, "trial": NUMBER}``). Its result informs the sampler, but it was not
+#: run in this study, so it neither counts toward ``--trials`` nor competes for best trial.
+WARM_START_ATTR = "warm_start"
 # Workers starting together on a new database race to create Optuna's tables; the losers
 # find them created on a later try.
 _SCHEMA_TRIES = 3
@@ -231,8 +235,15 @@ def retry_lost() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=LOST_RETRIES)
 
 
-def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
+def load_existing_study(
+    storage: str | None, name: str | None, options: str = "--study NAME or --storage"
+) -> optuna.Study:
     """A study that must already exist; with no name, the storage's only study.
+
+    Args:
+        storage: The storage URL (None: the default).
+        name: The study (None: the only one in the storage).
+        options: The command's options that name the study and storage, for the message.
 
     Raises:
         UserError: Listing the studies that do exist.
@@ -250,7 +261,7 @@ def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
     if name not in names:
         raise UserError(
             f"no study '{name}' in {redact_url(url)}; existing studies: "
-            f"{', '.join(sorted(names)) or '(none)'}; pass --study NAME or --storage"
+            f"{', '.join(sorted(names)) or '(none)'}; pass {options}"
         )
     return optuna.load_study(study_name=name, storage=store)
 
@@ -260,12 +271,22 @@ def is_surplus(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(SURPLUS_ATTR))
 
 
+def is_warm_start(trial: FrozenTrial) -> bool:
+    """A trial copied from another study by ``search --warm-start`` (see ``WARM_START_ATTR``)."""
+    return WARM_START_ATTR in trial.user_attrs
+
+
+def finished_here(trials: Iterable[FrozenTrial]) -> int:
+    """How many of ``trials`` finished in this study: what ``--trials`` counts."""
+    return sum(t.state in FINISHED and not is_warm_start(t) for t in trials)
+
+
 def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The completed trials, best first by the study's direction."""
+    """The completed trials run in this study, best first by the study's direction."""
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None
+        if t.value is not None and not is_warm_start(t)
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(trials, key=lambda t: t.value, reverse=maximize)

@@ -114,6 +114,19 @@ from mapnet_tune.errors import UserError
     help="Silence after which a running trial counts as lost, is failed and re-queued "
     "[env MAPNET_TUNE_GRACE_S].",
 )
+@click.option(
+    "--warm-start",
+    metavar="OLD_STUDY",
+    help="Copy OLD_STUDY's finished trials that lie inside this study's search space into "
+    "the new study, so that the sampler starts from them (they do not count toward "
+    "--trials).",
+)
+@click.option(
+    "--warm-storage",
+    metavar="URL",
+    envvar="MAPNET_TUNE_WARM_STORAGE",
+    help="Optuna storage of OLD_STUDY [env MAPNET_TUNE_WARM_STORAGE; default: --storage].",
+)
 def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **opts) -> None:
     """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow.
 

@@ -10,11 +10,19 @@ from optuna.trial import TrialState
 
 from mapnet_tune.errors import UserError
 from mapnet_tune.names import RUN_ID_ATTR, trial_tag
-from mapnet_tune.storage import is_surplus, ranked_trials
+from mapnet_tune.storage import (
+    WARM_START_ATTR,
+    is_surplus,
+    is_warm_start,
+    ranked_trials,
+)
 
 
 def trials_table(study: optuna.Study, top: int = 10) -> str:
-    """A Markdown table of the best finished trials with parameters and metrics."""
+    """The study's counts and a Markdown table of its best trials.
+
+    Trials copied by a warm start are counted on their own line and left out of the table.
+    """
     trials = ranked_trials(study)
     metric = study.user_attrs.get("objective", "value")
     names = sorted({k for t in trials for k in t.params})
@@ -32,7 +40,9 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
             t.user_attrs.get(RUN_ID_ATTR, "-"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
-    kept = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
+    everything = study.get_trials(deepcopy=False)
+    warm = [t for t in everything if is_warm_start(t)]
+    kept = [t for t in everything if not is_surplus(t) and not is_warm_start(t)]
     counts = {
         s.name.lower(): sum(t.state == s for t in kept)
         for s in (
@@ -44,7 +54,14 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
         )
     }
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-    return f"study {study.study_name}: {summary}\n\n" + "\n".join(rows)
+    lines = [f"study {study.study_name}: {summary}"]
+    if warm:
+        sources = sorted({str(t.user_attrs[WARM_START_ATTR]["study"]) for t in warm})
+        lines.append(
+            f"warm start: {len(warm)} finished trial(s) copied from {', '.join(sources)} "
+            f"(not counted above)"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(rows)
 
 
 def _fmt(value: Any) -> str:
