@@ -9,6 +9,7 @@ journal file, ``journal:///relative/study.log`` or ``journal:////absolute/study.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,6 +22,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 # Not exported by optuna.storages, but it is what fail_stale_trials and Study.optimize look for.
 from optuna.storages._heartbeat import BaseHeartbeat
+
+# Optuna has no public reader of a trial's last heartbeat; its RDB schema holds it.
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -290,3 +294,33 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(trials, key=lambda t: t.value, reverse=maximize)
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since the last heartbeat of each running trial that recorded one, by number.
+
+    Measured on the clock that wrote the heartbeats (the database server's, or for a journal
+    file the workers' wall clocks), so that a reader on another machine gets the same age.
+    """
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if isinstance(storage, JournalStorage):
+        now = time.time()
+        return {
+            t.number: now - t.system_attrs[HEARTBEAT_ATTR]
+            for t in running
+            if HEARTBEAT_ATTR in t.system_attrs
+        }
+    # Optuna wraps an RDB storage in a cache; the heartbeats are read from the database.
+    storage = getattr(storage, "_backend", storage)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return {}
+    ids = {t._trial_id: t.number for t in running}
+    with storage.scoped_session() as session:
+        now = session.execute(sqlalchemy.func.now()).scalar_one()
+        beats = session.query(rdb_models.TrialHeartbeatModel).filter(
+            rdb_models.TrialHeartbeatModel.trial_id.in_(list(ids))
+        )
+        # As Optuna's own staleness check: PostgreSQL returns now() with a time zone.
+        now = now.replace(tzinfo=None) if isinstance(now, datetime.datetime) else now
+        return {ids[b.trial_id]: (now - b.heartbeat).total_seconds() for b in beats}

@@ -9,6 +9,7 @@ import click
 from mapnet_tune.cli.options import (
     DATASET_NAMES,
     DEVICE,
+    GRACE_PERIOD,
     SOURCE,
     STORAGE,
     STUDY,
@@ -104,16 +105,7 @@ from mapnet_tune.errors import UserError
     metavar="SECONDS",
     help="How often a running trial tells the storage it is alive [env MAPNET_TUNE_HEARTBEAT_S].",
 )
-@click.option(
-    "--grace-period",
-    type=click.IntRange(min=2),
-    default=90,
-    show_default=True,
-    envvar="MAPNET_TUNE_GRACE_S",
-    metavar="SECONDS",
-    help="Silence after which a running trial counts as lost, is failed and re-queued "
-    "[env MAPNET_TUNE_GRACE_S].",
-)
+@GRACE_PERIOD
 @click.option(
     "--warm-start",
     metavar="OLD_STUDY",
@@ -167,14 +159,25 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
 @STORAGE
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @TRACKING_URI
-def status(study_name: str | None, storage: str | None, top: int, tracking_uri: str | None) -> None:
-    """Print the best trials of a study and the registered versions of its model."""
+@GRACE_PERIOD
+def status(
+    study_name: str | None,
+    storage: str | None,
+    top: int,
+    tracking_uri: str | None,
+    grace_period: int,
+) -> None:
+    """Print the best trials of a study, its running and stale trials, and its model versions.
+
+    A running trial whose heartbeat is older than --grace-period is shown as stale: its
+    worker is gone, and the next worker on the study retries it.
+    """
     from mapnet_tune.report import registered_summary
     from mapnet_tune.storage import load_existing_study
     from mapnet_tune.study.summary import trials_table
 
     study = load_existing_study(storage, study_name)
-    click.echo(trials_table(study, top))
+    click.echo(trials_table(study, top, grace_period))
     registered = registered_summary(study.user_attrs.get("dataset", ""), tracking_uri)
     if registered:
         click.echo(f"\n{registered}")

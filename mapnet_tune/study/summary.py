@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mapnet_tune.errors import UserError
 from mapnet_tune.names import RUN_ID_ATTR, trial_tag
 from mapnet_tune.storage import (
+    GRACE_S,
+    LOST_RETRIES,
     WARM_START_ATTR,
+    heartbeat_ages,
     is_surplus,
     is_warm_start,
     ranked_trials,
 )
 
 
-def trials_table(study: optuna.Study, top: int = 10) -> str:
-    """The study's counts and a Markdown table of its best trials.
+def trials_table(study: optuna.Study, top: int = 10, grace_s: int = GRACE_S) -> str:
+    """The study's counts, its running trials, and a Markdown table of its best trials.
 
+    A running trial whose heartbeat is older than ``grace_s`` is shown as stale: its worker
+    is gone (killed, machine lost) and the next worker to look at the study retries it.
     Trials copied by a warm start are counted on their own line and left out of the table.
     """
     trials = ranked_trials(study)
@@ -61,7 +67,30 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
             f"warm start: {len(warm)} finished trial(s) copied from {', '.join(sources)} "
             f"(not counted above)"
         )
+    ages = heartbeat_ages(study)
+    lines += [
+        f"{trial_tag(t.number)} {_liveness(ages.get(t.number), grace_s, t)}"
+        for t in kept
+        if t.state == TrialState.RUNNING
+    ]
     return "\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+def _liveness(age_s: float | None, grace_s: int, trial: FrozenTrial) -> str:
+    """``running`` or ``stale (no heartbeat since 12:03:04, will be retried)``."""
+    if age_s is None:
+        return "running (no heartbeat recorded)"
+    since = (datetime.datetime.now() - datetime.timedelta(seconds=age_s)).strftime("%H:%M:%S")
+    if age_s <= grace_s:
+        return f"running (last heartbeat {since})"
+    # Optuna's retry callback records the chain of earlier attempts on each retry.
+    retries = len(trial.system_attrs.get("retry_history", []))
+    then = (
+        "will be retried"
+        if retries < LOST_RETRIES
+        else f"will not be retried: {retries} retries used"
+    )
+    return f"stale (no heartbeat since {since}, {then})"
 
 
 def _fmt(value: Any) -> str:
