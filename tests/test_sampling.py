@@ -53,6 +53,7 @@ def _two_workers(url: str, sampler: str, rounds: int) -> list[list[dict]]:
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["tpe", "gp", "random", "cmaes"])
 def test_each_sampler_is_seeded_and_shared_by_two_workers(tmp_path, sampler):
     first = _two_workers(f"sqlite:///{tmp_path / 'a.db'}", sampler, rounds=6)
