@@ -148,7 +148,7 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
         from mapnet_tune.study.worker import run_search
 
         study = run_search(req)
-    click.echo(trials_table(study))
+    click.echo(trials_table(study, grace_s=req.grace_s))
     from mapnet_tune.tracking import Tracker
 
     click.echo("\n" + Tracker(req.tracking_uri).browse(req.study_name))
