@@ -24,7 +24,11 @@ HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
 STALE = re.compile(r"t0000 stale \(no heartbeat since (\d\d:\d\d:\d\d), will be retried\)")
 
 
-def test_a_killed_workers_trial_is_shown_stale_and_retried(workdir, cli):
+def test_a_killed_workers_trial_is_shown_stale_and_retried(workdir, cli, monkeypatch):
+    # MLflow keeps one engine per tracking URI in a process: a relative sqlite:///mlflow.db
+    # would stay on another test's folder for the in-process rerun below, not the worker's.
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     cfg = write_study(workdir / "long.yaml", train={"epochs": 12})
     search = ("search", "--config", cfg, "--study", "gone", "--trials", 1, *HEARTBEAT)
     with open(workdir / "worker.log", "wb") as log:
@@ -55,6 +59,6 @@ def test_a_killed_workers_trial_is_shown_stale_and_retried(workdir, cli):
     assert trials[lost.number].state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == lost.number)
     assert retry.state == TrialState.COMPLETE and retry.params == lost.params
-    run = MlflowClient("sqlite:///mlflow.db").get_run(lost.user_attrs["mlflow_run_id"])
+    run = MlflowClient(tracking).get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED"
     assert "stale" not in cli("status", "--study", "gone").output
