@@ -29,19 +29,30 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % (2**31 - 1)
 
 
+def search_distributions(study: StudyConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every searched hyperparameter, as :func:`suggest` samples it."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for p in study.space:
+        if p.kind == "categorical":
+            out[p.name] = optuna.distributions.CategoricalDistribution(list(p.choices))
+        elif p.kind == "int":
+            out[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+        elif p.kind == "float":
+            out[p.name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    return out
+
+
 def suggest(trial: optuna.Trial | optuna.trial.FixedTrial, study: StudyConfig) -> dict[str, Any]:
     """The trial's hyperparameters: sampled where the study searches, fixed elsewhere."""
-    params: dict[str, Any] = {}
-    for p in study.space:
-        if p.kind == "fixed":
-            params[p.name] = p.value
-        elif p.kind == "categorical":
-            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.kind == "int":
-            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+    params: dict[str, Any] = {p.name: p.value for p in study.space if p.kind == "fixed"}
+    for name, dist in search_distributions(study).items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, list(dist.choices))
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
         else:
-            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
-    return params
+            params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+    return {p.name: params[p.name] for p in study.space}
 
 
 def build_model(study: StudyConfig, channels: int) -> MAPNet:

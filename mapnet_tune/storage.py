@@ -9,9 +9,10 @@ journal file, ``journal:///relative/study.log`` or ``journal:////absolute/study.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 # Not exported by optuna.storages, but it is what fail_stale_trials and Study.optimize look for.
 from optuna.storages._heartbeat import BaseHeartbeat
+
+# Optuna has no public reader of a trial's last heartbeat; its RDB schema holds it.
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -38,6 +42,10 @@ GRACE_S = 90
 LOST_RETRIES = 2
 #: User attribute of a trial handed back unrun because the study was already full.
 SURPLUS_ATTR = "surplus"
+#: User attribute of a trial copied from another study by ``search --warm-start``: where it
+#: ran (``{"study": NAME, "trial": NUMBER}``). Its result informs the sampler, but it was not
+#: run in this study, so it neither counts toward ``--trials`` nor competes for best trial.
+WARM_START_ATTR = "warm_start"
 # Workers starting together on a new database race to create Optuna's tables; the losers
 # find them created on a later try.
 _SCHEMA_TRIES = 3
@@ -231,8 +239,15 @@ def retry_lost() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=LOST_RETRIES)
 
 
-def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
+def load_existing_study(
+    storage: str | None, name: str | None, options: str = "--study NAME or --storage"
+) -> optuna.Study:
     """A study that must already exist; with no name, the storage's only study.
+
+    Args:
+        storage: The storage URL (None: the default).
+        name: The study (None: the only one in the storage).
+        options: The command's options that name the study and storage, for the message.
 
     Raises:
         UserError: Listing the studies that do exist.
@@ -250,7 +265,7 @@ def load_existing_study(storage: str | None, name: str | None) -> optuna.Study:
     if name not in names:
         raise UserError(
             f"no study '{name}' in {redact_url(url)}; existing studies: "
-            f"{', '.join(sorted(names)) or '(none)'}; pass --study NAME or --storage"
+            f"{', '.join(sorted(names)) or '(none)'}; pass {options}"
         )
     return optuna.load_study(study_name=name, storage=store)
 
@@ -260,12 +275,52 @@ def is_surplus(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(SURPLUS_ATTR))
 
 
+def is_warm_start(trial: FrozenTrial) -> bool:
+    """A trial copied from another study by ``search --warm-start`` (see ``WARM_START_ATTR``)."""
+    return WARM_START_ATTR in trial.user_attrs
+
+
+def finished_here(trials: Iterable[FrozenTrial]) -> int:
+    """How many of ``trials`` finished in this study: what ``--trials`` counts."""
+    return sum(t.state in FINISHED and not is_warm_start(t) for t in trials)
+
+
 def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The completed trials, best first by the study's direction."""
+    """The completed trials run in this study, best first by the study's direction."""
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None
+        if t.value is not None and not is_warm_start(t)
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(trials, key=lambda t: t.value, reverse=maximize)
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since the last heartbeat of each running trial that recorded one, by number.
+
+    Measured on the clock that wrote the heartbeats (the database server's, or for a journal
+    file the workers' wall clocks), so that a reader on another machine gets the same age.
+    """
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if isinstance(storage, JournalStorage):
+        now = time.time()
+        return {
+            t.number: now - t.system_attrs[HEARTBEAT_ATTR]
+            for t in running
+            if HEARTBEAT_ATTR in t.system_attrs
+        }
+    # Optuna wraps an RDB storage in a cache; the heartbeats are read from the database.
+    storage = getattr(storage, "_backend", storage)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return {}
+    ids = {t._trial_id: t.number for t in running}
+    with storage.scoped_session() as session:
+        now = session.execute(sqlalchemy.func.now()).scalar_one()
+        beats = session.query(rdb_models.TrialHeartbeatModel).filter(
+            rdb_models.TrialHeartbeatModel.trial_id.in_(list(ids))
+        )
+        # As Optuna's own staleness check: PostgreSQL returns now() with a time zone.
+        now = now.replace(tzinfo=None) if isinstance(now, datetime.datetime) else now
+        return {ids[b.trial_id]: (now - b.heartbeat).total_seconds() for b in beats}

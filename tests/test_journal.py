@@ -3,6 +3,7 @@ heartbeats that mapnet-tune adds to it so that a lost worker's trial is retried.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mapnet_tune.storage import (
     retry_lost,
 )
 from mapnet_tune.study.recovery import fail_lost_trials
+from mapnet_tune.study.summary import trials_table
 
 
 def test_three_slashes_are_relative_four_absolute():
@@ -84,3 +86,20 @@ def test_readers_get_no_heartbeats(tmp_path):
     store = open_storage(url, heartbeat=False)
     assert not isinstance(store, HeartbeatJournalStorage)
     assert isinstance(open_storage(url, on_lost=retry_lost()), HeartbeatJournalStorage)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_status_shows_a_silent_trial_as_stale(tmp_path):
+    url = f"journal:///{tmp_path}/study.log"
+    owner = open_storage(url, heartbeat_s=1, grace_s=2)
+    study = optuna.create_study(study_name="s", storage=owner)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    owner.record_heartbeat(trial._trial_id)
+    reader = optuna.load_study(study_name="s", storage=open_storage(url, heartbeat=False))
+
+    assert "t0000 running (last heartbeat " in trials_table(reader, grace_s=2)
+    time.sleep(2.5)
+    assert re.search(
+        r"t0000 stale \(no heartbeat since \d\d:\d\d:\d\d, will be retried\)",
+        trials_table(reader, grace_s=2),
+    )

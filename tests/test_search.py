@@ -35,6 +35,8 @@ def test_search_logs_trials_and_resumes(workdir, cli):
     study = _study("tiny")
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 3
+    # optuna-dashboard and Optuna's plots label the objective with it.
+    assert study.metric_names == ["val/iou"]
     client = MlflowClient("sqlite:///mlflow.db")
     parents, children = _runs(client, "tiny")
     assert len(parents) == 1 and len(children) == 3

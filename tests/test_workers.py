@@ -93,3 +93,21 @@ def test_trial_beyond_the_total_is_handed_back(tmp_path):
     assert [t.system_attrs["fixed_params"] for t in queued] == [{"lr": 0.01}]
     assert queued[0].user_attrs == {"retry_of": 7}
     assert "0 fail" in trials_table(study)
+
+
+def test_every_worker_gets_the_warm_start_and_its_storage_in_the_environment(tmp_path):
+    old = "postgresql+psycopg2://optuna:0ld@db.internal:5432/old"
+    req = SearchRequest(
+        study=load_study(write_study(tmp_path / "tiny.yaml")),
+        study_name="tiny-v2",
+        storage=STORAGE,
+        tracking_uri="http://mlflow:5000",
+        trials=8,
+        warm_start="tiny",
+        warm_storage=old,
+    )
+    for spec in worker_specs(req, ["0", "1"], per_gpu=1):
+        assert "0ld" not in " ".join(spec.argv)
+        assert spec.env["MAPNET_TUNE_WARM_STORAGE"] == old
+        ctx = main.commands["search"].make_context("search", spec.argv[4:])
+        assert ctx.params["warm_start"] == "tiny"

@@ -28,6 +28,16 @@ SOURCE = click.option(
 STUDY = click.option(
     "--study", "study_name", help="Study name (default: the storage's only study)."
 )
+GRACE_PERIOD = click.option(
+    "--grace-period",
+    type=click.IntRange(min=2),
+    default=90,
+    show_default=True,
+    envvar="MAPNET_TUNE_GRACE_S",
+    metavar="SECONDS",
+    help="Silence after which a running trial counts as lost, is failed and re-queued "
+    "[env MAPNET_TUNE_GRACE_S].",
+)
 HOST = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 DATASET_NAMES = ", ".join(DATASETS)
 

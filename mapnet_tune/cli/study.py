@@ -9,6 +9,7 @@ import click
 from mapnet_tune.cli.options import (
     DATASET_NAMES,
     DEVICE,
+    GRACE_PERIOD,
     SOURCE,
     STORAGE,
     STUDY,
@@ -104,15 +105,19 @@ from mapnet_tune.errors import UserError
     metavar="SECONDS",
     help="How often a running trial tells the storage it is alive [env MAPNET_TUNE_HEARTBEAT_S].",
 )
+@GRACE_PERIOD
 @click.option(
-    "--grace-period",
-    type=click.IntRange(min=2),
-    default=90,
-    show_default=True,
-    envvar="MAPNET_TUNE_GRACE_S",
-    metavar="SECONDS",
-    help="Silence after which a running trial counts as lost, is failed and re-queued "
-    "[env MAPNET_TUNE_GRACE_S].",
+    "--warm-start",
+    metavar="OLD_STUDY",
+    help="Copy OLD_STUDY's finished trials that lie inside this study's search space into "
+    "the new study, so that the sampler starts from them (they do not count toward "
+    "--trials).",
+)
+@click.option(
+    "--warm-storage",
+    metavar="URL",
+    envvar="MAPNET_TUNE_WARM_STORAGE",
+    help="Optuna storage of OLD_STUDY [env MAPNET_TUNE_WARM_STORAGE; default: --storage].",
 )
 def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **opts) -> None:
     """Run (or resume) an Optuna study whose trials train MAP-Net and log to MLflow.
@@ -143,7 +148,7 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
         from mapnet_tune.study.worker import run_search
 
         study = run_search(req)
-    click.echo(trials_table(study))
+    click.echo(trials_table(study, grace_s=req.grace_s))
     from mapnet_tune.tracking import Tracker
 
     click.echo("\n" + Tracker(req.tracking_uri).browse(req.study_name))
@@ -154,14 +159,25 @@ def search(timeout: str | None, gpus: str | None, trials_per_gpu: int | None, **
 @STORAGE
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @TRACKING_URI
-def status(study_name: str | None, storage: str | None, top: int, tracking_uri: str | None) -> None:
-    """Print the best trials of a study and the registered versions of its model."""
+@GRACE_PERIOD
+def status(
+    study_name: str | None,
+    storage: str | None,
+    top: int,
+    tracking_uri: str | None,
+    grace_period: int,
+) -> None:
+    """Print the best trials of a study, its running and stale trials, and its model versions.
+
+    A running trial whose heartbeat is older than --grace-period is shown as stale: its
+    worker is gone, and the next worker on the study retries it.
+    """
     from mapnet_tune.report import registered_summary
     from mapnet_tune.storage import load_existing_study
     from mapnet_tune.study.summary import trials_table
 
     study = load_existing_study(storage, study_name)
-    click.echo(trials_table(study, top))
+    click.echo(trials_table(study, top, grace_period))
     registered = registered_summary(study.user_attrs.get("dataset", ""), tracking_uri)
     if registered:
         click.echo(f"\n{registered}")

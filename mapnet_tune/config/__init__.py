@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from mapnet_tune.config.base import (
@@ -29,6 +30,7 @@ from mapnet_tune.config.base import (
     Options,
     PositiveFloat,
     PositiveInt,
+    error,
     first_problem,
     null_is_empty,
     one_of,
@@ -40,7 +42,7 @@ from mapnet_tune.errors import UserError
 #: The shipped study files. pip installs the package as plain files (not zipped), so
 #: this is a real directory in a regular install and in an editable one alike.
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "gp", "random", "cmaes")
 PRUNERS = ("hyperband", "median", "none")
 DIRECTIONS = ("maximize", "minimize")
 
@@ -98,7 +100,11 @@ class ObjectiveConfig(Model):
 
 
 class SamplerConfig(Model):
-    """Optuna sampler; the seed makes a study's suggestions reproducible."""
+    """Optuna sampler; the seed makes a study's suggestions reproducible.
+
+    ``n_startup_trials`` random trials come before TPE, the GP or CMA-ES model the objective;
+    random search ignores it.
+    """
 
     name: Annotated[str, one_of(SAMPLERS)] = "tpe"
     seed: int = 0
@@ -132,6 +138,21 @@ class StudyConfig(Model):
     retrain: RetrainConfig = RetrainConfig()
 
     _null_sections = field_validator("*", mode="before")(null_is_empty)
+
+    @model_validator(mode="after")
+    def _sampler_fits_space(self) -> StudyConfig:
+        # CMA-ES samples a continuous vector; Optuna would draw a categorical at random behind
+        # the user's back, so the study file has to say what it wants instead.
+        if self.sampler.name == "cmaes":
+            for p in self.space:
+                if p.kind == "categorical" and len(set(p.choices)) > 1:
+                    raise error(
+                        f"is 'cmaes', which cannot sample the categorical search_space."
+                        f"{p.name}; give {p.name} as a range ({{low, high, int: true}} for "
+                        f"integers) or one value, or use sampler tpe, gp or random",
+                        "sampler.name",
+                    )
+        return self
 
     @classmethod
     def _file_keys(cls) -> set[str]:

@@ -111,6 +111,10 @@ def worker_specs(req: SearchRequest, gpus: Sequence[str], per_gpu: int) -> list[
         "MAPNET_TUNE_STORAGE": req.storage,
         "MLFLOW_TRACKING_URI": resolve_tracking_uri(req.tracking_uri),
     }
+    if req.warm_start is not None:
+        # Every worker gets it: the one that creates the study copies, the others check.
+        base += ["--warm-start", req.warm_start]
+        env["MAPNET_TUNE_WARM_STORAGE"] = req.warm_storage
     specs = []
     for gpu in gpus:
         for _ in range(per_gpu):

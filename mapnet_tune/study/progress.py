@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mapnet_tune.names import trial_tag
 from mapnet_tune.settings import progress_interval
-from mapnet_tune.storage import FINISHED, is_surplus
+from mapnet_tune.storage import FINISHED, finished_here, is_surplus, is_warm_start, ranked_trials
 
 #: How long a trial trains before its duration is estimated (or its first epoch, if shorter).
 ESTIMATE_AFTER_S = 10.0
@@ -57,15 +57,13 @@ class Progress:
 
     def line(self, text: str) -> None:
         """Print a progress line with the study-wide counters."""
-        trials = self.study.get_trials(deepcopy=False)
-        done = sum(t.state in FINISHED for t in trials)
+        trials = [t for t in self.study.get_trials(deepcopy=False) if not is_warm_start(t)]
+        done = finished_here(trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
         failed = sum(t.state == TrialState.FAIL and not is_surplus(t) for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        try:
-            best = f"{self.study.best_value:.4f} ({trial_tag(self.study.best_trial.number)})"
-        except ValueError:
-            best = "-"
+        ranked = ranked_trials(self.study)
+        best = f"{ranked[0].value:.4f} ({trial_tag(ranked[0].number)})" if ranked else "-"
         eta = _study_eta(trials, self.target - done, running)
         tqdm.write(
             f"[{done}/{self.target} done{eta} | best {self.metric} {best} | pruned {pruned} "

@@ -11,11 +11,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mapnet_tune.names import RUN_ID_ATTR, trial_tag
-from mapnet_tune.storage import LOST_RETRIES, SURPLUS_ATTR, retry_lost
+from mapnet_tune.storage import LOST_RETRIES, SURPLUS_ATTR, is_warm_start, retry_lost
 from mapnet_tune.tracking import Tracker
 
 #: Trials that count towards ``--trials``: finished ones and those running right now (so two
-#: workers do not both start the last trial). Failed trials do not count: they are retried.
+#: workers do not both start the last trial). Failed trials do not count: they are retried;
+#: nor do trials copied by a warm start.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
@@ -36,7 +37,9 @@ def claim_slot(trial: optuna.Trial, target: int) -> None:
         SurplusTrial: When the trial is not needed.
     """
     trials = trial.study.get_trials(deepcopy=False)
-    ahead = sum(t.number < trial.number and t.state in COUNTED for t in trials)
+    ahead = sum(
+        t.number < trial.number and t.state in COUNTED and not is_warm_start(t) for t in trials
+    )
     if ahead < target:
         return
     own = next(t for t in trials if t.number == trial.number)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mapnet_tune.config import StudyConfig, default_study_file, load_study
-from mapnet_tune.errors import UserError
+from mapnet_tune.errors import UserError, redact_url
 from mapnet_tune.settings import resolve_storage
 from mapnet_tune.storage import GRACE_S, HEARTBEAT_S
 
@@ -17,7 +17,10 @@ class StudyTimeout(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Everything one ``mapnet-tune search`` worker needs."""
+    """Everything one ``mapnet-tune search`` worker needs.
+
+    ``warm_start`` names a finished study in ``warm_storage`` whose trials seed a new study.
+    """
 
     study: StudyConfig
     study_name: str
@@ -30,6 +33,8 @@ class SearchRequest:
     device: str | None = None
     heartbeat_s: int = HEARTBEAT_S
     grace_s: int = GRACE_S
+    warm_start: str | None = None
+    warm_storage: str | None = None
 
 
 def default_study_name(study: StudyConfig) -> str:
@@ -46,12 +51,15 @@ def search_request(
     storage: str | None,
     heartbeat_interval: int,
     grace_period: int,
+    warm_start: str | None = None,
+    warm_storage: str | None = None,
     **rest,
 ) -> SearchRequest:
     """The request of ``mapnet-tune search``: the study file (shipped or given) and defaults.
 
     Raises:
-        UserError: Neither a dataset nor a study file, or a dataset that is not the file's.
+        UserError: Neither a dataset nor a study file, a dataset that is not the file's, or
+            a warm start from the study itself.
     """
     if not dataset and not config_path:
         raise UserError("search needs --dataset NAME or --config FILE")
@@ -61,11 +69,22 @@ def search_request(
             f"--dataset {dataset} does not match dataset.name "
             f"'{study.dataset.name}' in {study.path}; drop one of them"
         )
+    name, url = study_name or default_study_name(study), resolve_storage(storage)
+    if warm_storage and not warm_start:
+        raise UserError("--warm-storage needs --warm-start OLD_STUDY, the study to copy from")
+    warm_url = (warm_storage or url) if warm_start else None
+    if warm_start == name and warm_url == url:
+        raise UserError(
+            f"--warm-start {warm_start} names the study being run ({redact_url(url)}); "
+            f"pass --study NEW_NAME for the new study"
+        )
     return SearchRequest(
         study=study,
-        study_name=study_name or default_study_name(study),
-        storage=resolve_storage(storage),
+        study_name=name,
+        storage=url,
         heartbeat_s=heartbeat_interval,
         grace_s=grace_period,
+        warm_start=warm_start,
+        warm_storage=warm_url,
         **rest,
     )

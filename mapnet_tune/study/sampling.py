@@ -13,14 +13,25 @@ from mapnet_tune.recipe import trial_seed
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The study file's sampler (TPE or random), seeded per trial."""
+    """The study file's sampler, seeded per trial.
+
+    Each one lets several workers share a study: TPE with the constant liar (a running trial
+    counts as a bad result, so that workers do not all propose the same point), the GP with
+    its batch acquisition (q-logEI over the running trials), CMA-ES by drawing the members
+    of one generation, and random search needs nothing. ``n_startup_trials`` random trials
+    come first for the three that model the objective; the config refuses CMA-ES on a space
+    with a categorical parameter, which it cannot sample.
+    """
+    name, startup = study.sampler.name, study.sampler.n_startup_trials
 
     def make(seed: int) -> optuna.samplers.BaseSampler:
-        if study.sampler.name == "random":
+        if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=study.sampler.n_startup_trials
-        )
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
     return TrialSeededSampler(make, study.sampler.seed)
 

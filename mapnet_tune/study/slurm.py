@@ -34,7 +34,13 @@ from submitit.core.utils import FailedJobError
 
 from mapnet_tune.errors import UserError, redact_url
 from mapnet_tune.settings import STORAGE_ENV, TRACKING_ENV, resolve_tracking_uri
-from mapnet_tune.storage import FINISHED, JOURNAL_SCHEME, journal_path, open_storage
+from mapnet_tune.storage import (
+    FINISHED,
+    JOURNAL_SCHEME,
+    finished_here,
+    journal_path,
+    open_storage,
+)
 from mapnet_tune.study.launcher import check_shared_stores
 from mapnet_tune.study.progress import Progress
 from mapnet_tune.study.request import SearchRequest
@@ -111,7 +117,7 @@ def follow(
             running = alive()
             study = existing_study(storage, req.study_name)
             trials = [] if study is None else study.get_trials(deepcopy=False)
-            if sum(t.state in FINISHED for t in trials) >= req.trials:
+            if finished_here(trials) >= req.trials:
                 return study
             if not running:
                 raise UserError(

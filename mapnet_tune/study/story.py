@@ -22,7 +22,7 @@ from mapnet_tune.names import (
     trial_tag,
 )
 from mapnet_tune.plots import study_plots
-from mapnet_tune.storage import FINISHED, is_surplus
+from mapnet_tune.storage import FINISHED, is_surplus, is_warm_start, ranked_trials
 from mapnet_tune.tracking import Tracker
 from mapnet_tune.tracking.links import run_anchor
 
@@ -52,7 +52,11 @@ class StudyStory:
         """Log the study-wide state after ``trial`` ended (Optuna's callback signature)."""
         if is_surplus(trial):
             return
-        trials = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
+        trials = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if not is_surplus(t) and not is_warm_start(t)
+        ]
         counts = {
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
@@ -114,10 +118,8 @@ class StudyStory:
 
 
 def _best(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
 
 
 def _fmt(value: object) -> str:

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mapnet_tune.errors import UserError
 from mapnet_tune.names import RUN_ID_ATTR, trial_tag
-from mapnet_tune.storage import is_surplus, ranked_trials
+from mapnet_tune.storage import (
+    GRACE_S,
+    LOST_RETRIES,
+    WARM_START_ATTR,
+    heartbeat_ages,
+    is_surplus,
+    is_warm_start,
+    ranked_trials,
+)
 
 
-def trials_table(study: optuna.Study, top: int = 10) -> str:
-    """A Markdown table of the best finished trials with parameters and metrics."""
+def trials_table(study: optuna.Study, top: int = 10, grace_s: int = GRACE_S) -> str:
+    """The study's counts, its running trials, and a Markdown table of its best trials.
+
+    A running trial whose heartbeat is older than ``grace_s`` is shown as stale: its worker
+    is gone (killed, machine lost) and the next worker to look at the study retries it.
+    Trials copied by a warm start are counted on their own line and left out of the table.
+    """
     trials = ranked_trials(study)
     metric = study.user_attrs.get("objective", "value")
     names = sorted({k for t in trials for k in t.params})
@@ -32,7 +46,9 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
             t.user_attrs.get(RUN_ID_ATTR, "-"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
-    kept = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
+    everything = study.get_trials(deepcopy=False)
+    warm = [t for t in everything if is_warm_start(t)]
+    kept = [t for t in everything if not is_surplus(t) and not is_warm_start(t)]
     counts = {
         s.name.lower(): sum(t.state == s for t in kept)
         for s in (
@@ -44,7 +60,37 @@ def trials_table(study: optuna.Study, top: int = 10) -> str:
         )
     }
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-    return f"study {study.study_name}: {summary}\n\n" + "\n".join(rows)
+    lines = [f"study {study.study_name}: {summary}"]
+    if warm:
+        sources = sorted({str(t.user_attrs[WARM_START_ATTR]["study"]) for t in warm})
+        lines.append(
+            f"warm start: {len(warm)} finished trial(s) copied from {', '.join(sources)} "
+            f"(not counted above)"
+        )
+    ages = heartbeat_ages(study)
+    lines += [
+        f"{trial_tag(t.number)} {_liveness(ages.get(t.number), grace_s, t)}"
+        for t in kept
+        if t.state == TrialState.RUNNING
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+def _liveness(age_s: float | None, grace_s: int, trial: FrozenTrial) -> str:
+    """``running`` or ``stale (no heartbeat since 12:03:04, will be retried)``."""
+    if age_s is None:
+        return "running (no heartbeat recorded)"
+    since = (datetime.datetime.now() - datetime.timedelta(seconds=age_s)).strftime("%H:%M:%S")
+    if age_s <= grace_s:
+        return f"running (last heartbeat {since})"
+    # Optuna's retry callback records the chain of earlier attempts on each retry.
+    retries = len(trial.system_attrs.get("retry_history", []))
+    then = (
+        "will be retried"
+        if retries < LOST_RETRIES
+        else f"will not be retried: {retries} retries used"
+    )
+    return f"stale (no heartbeat since {since}, {then})"
 
 
 def _fmt(value: Any) -> str:

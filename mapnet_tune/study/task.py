@@ -22,7 +22,7 @@ import submitit
 
 from mapnet_tune.errors import UserError
 from mapnet_tune.settings import STORAGE_ENV, TRACKING_ENV
-from mapnet_tune.storage import FINISHED, open_storage
+from mapnet_tune.storage import finished_here, open_storage
 from mapnet_tune.study.request import SearchRequest
 
 #: The time-limit warnings: SIGUSR1, which we ask sbatch for, and SIGUSR2, which submitit's
@@ -75,7 +75,7 @@ class WorkerTask:
             except KeyboardInterrupt as exc:
                 # The worker loop's own SIGTERM handler raises a plain KeyboardInterrupt.
                 return self._stopped(req, getattr(exc, "signum", signal.SIGTERM), before)
-        done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+        done = finished_here(study.get_trials(deepcopy=False))
         return "study complete" if done >= req.trials else "stopped at --timeout"
 
     def _with_stores(self) -> SearchRequest:
@@ -149,7 +149,7 @@ def _stop_on(*signums: int) -> Iterator[None]:
 def _finished(req: SearchRequest) -> int:
     """How many finished trials the study holds (0 before a worker created it)."""
     study = existing_study(open_storage(req.storage, heartbeat=False), req.study_name)
-    return 0 if study is None else sum(t.state in FINISHED for t in study.get_trials())
+    return 0 if study is None else finished_here(study.get_trials(deepcopy=False))
 
 
 def existing_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,13 +35,20 @@ from mapnet_tune.names import (
     summary_key,
     trial_tag,
 )
-from mapnet_tune.storage import FINISHED, is_surplus, open_storage
+from mapnet_tune.storage import finished_here, is_surplus, open_storage
 from mapnet_tune.study.objective import Objective
 from mapnet_tune.study.progress import Progress
 from mapnet_tune.study.recovery import LostTrialCallback, fail_lost_trials
 from mapnet_tune.study.request import SearchRequest, StudyTimeout
 from mapnet_tune.study.sampling import make_pruner, make_sampler
 from mapnet_tune.study.story import StudyStory
+from mapnet_tune.study.warmstart import (
+    FIXED_PARAMS_ATTR,
+    check_warm_started,
+    copy_trials,
+    link_runs,
+    open_source,
+)
 from mapnet_tune.tracking import Tracker, git_sha
 from mapnet_tune.tracking.links import study_view
 
@@ -81,15 +89,24 @@ def run_search(req: SearchRequest) -> optuna.Study:
         req.study.dataset.name, req.source or req.study.dataset.source, req.study.dataset.options
     )
     check_channels(req.study, data.channels)
+    source = open_source(req) if req.warm_start else None
     study, created = _open_study(req, tracker)
+    # Copied before the parent run exists: other workers wait for it, so they find the copies.
+    warm = copy_trials(study, source, req) if source is not None and created else None
     experiment_id = tracker.experiment(req.study_name, {DATASET_TAG: data.name})
     parent = _ensure_parent(study, created, tracker, experiment_id, req)
+    if warm is not None:
+        link_runs(tracker, experiment_id, parent, warm, req.study, req.study_name)
+    elif req.warm_start:
+        check_warm_started(study, req)
     if req.enqueue is not None:
         enqueue_file(study, req.enqueue)
     tracker.set_tags(parent, {FINGERPRINT_TAG: data.fingerprint})
     tracker.log_dataset(parent, data.name, data.fingerprint, data.source, "search")
     tracker.show_study(experiment_id, _runs_view(req.study))
     progress = Progress(study, req.trials, req.study.objective.metric)
+    if warm is not None:
+        progress.line(warm.line())
     deadline = time.time() + req.timeout_s if req.timeout_s else None
     objective = Objective(req, data, tracker, experiment_id, parent, progress, deadline)
     progress.device(objective.device)
@@ -136,7 +153,7 @@ def _work(
     while True:
         fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in FINISHED for t in trials)
+        finished = finished_here(trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if finished >= req.trials:
             return
@@ -215,12 +232,21 @@ def _open_study(req: SearchRequest, tracker: Tracker) -> tuple[optuna.Study, boo
         study.set_user_attr("config_file", req.study.path)
         study.set_user_attr("dataset", req.study.dataset.name)
         study.set_user_attr("objective", req.study.objective.metric)
+        study.set_user_attr(
+            FIXED_PARAMS_ATTR, {p.name: p.value for p in req.study.space if not p.searched}
+        )
     elif digest != req.study.digest():
         raise UserError(
             f"study '{req.study_name}' in {redact_url(req.storage)} was created from different "
             f"settings than {req.study.path}; restore that file or pass --study NEW_NAME to start "
             f"a new study"
         )
+    # Optuna's dashboard and plots name the objective by this instead of "Objective 0"; set
+    # on resume too, for studies created before it was.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names is None:
+            study.set_metric_names([req.study.objective.metric])
     return study, created
 
 
