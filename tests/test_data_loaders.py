@@ -39,6 +39,9 @@ def test_drive_tiny_layout_with_test_split(tmp_path):
     assert train.names == ("21_training", "22_training") and len(val.names) == 2
     assert test.names == ("1_test", "2_test", "3_test") and test.patches is None
     assert test.images.shape == (3, 1, 30, 26) and test.fov.shape == (3, 1, 30, 26)
+    assert data.settings["test_mean"] != data.settings["mean"]  # the published chain's own
+    # ... which the per-image min-max cancels: no test-set note is needed or made.
+    assert not any("test set" in note for note in data.settings["notes"])
     # Square crop to the width: rows 2:28 of the 30x26 images.
     assert data.settings["crop"] == [2, 0, 26]
     assert len(train.patches) == 10 and train.patches[:, 1].min() >= 2
@@ -188,7 +191,9 @@ def test_folder_groups_regex_keeps_each_group_in_one_split(tmp_path):
     data = prepare("folder", root, options, cache_dir=tmp_path / "cache")
     groups = {k: set(s.groups) for k, s in data.splits.items()}
     assert groups == {"train": {"p0"}, "val": {"p1"}, "test": {"p2"}}
-    assert all(n.endswith(g) for s in data.splits.values() for n, g in zip(s.names, s.groups))
+    assert all(
+        n.endswith(g) for s in data.splits.values() for n, g in zip(s.names, s.groups, strict=True)
+    )
     with pytest.raises(UserError, match="option groups '_x' does not match"):
         prepare("folder", root, {"groups": "_x"}, cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match="option groups must be a regular expression"):
