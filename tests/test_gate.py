@@ -4,16 +4,20 @@ of a champion from another basis, the sealed test split and an honestly chosen t
 from __future__ import annotations
 
 import numpy as np
+import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 
+from mapnet_tune.config import load_study
 from mapnet_tune.data import prepare
 from mapnet_tune.data.splits import concat
 from mapnet_tune.retrain import RetrainRequest, retrain_best, runner
+from mapnet_tune.retrain.plan import kfold, make_plan, train_and_val
 from mapnet_tune.retrain.sealed import EarlyTestReadError, SealedSplit
 from mapnet_tune.retrain.selection import group_folds
 from mapnet_tune.tracking import Tracker
-from tests.conftest import REGISTERED_STUDY, write_folder, write_lung, write_study
+from tests.conftest import REGISTERED_STUDY, TINY_STUDY, write_folder, write_lung, write_study
 
 MODEL = "mapnet-synthetic"
 
@@ -41,6 +45,45 @@ def test_no_patient_sits_on_both_sides_of_a_fold_or_of_train_and_test(tmp_path, 
     assert [h.tolist() for _, h in group_folds(merged, folds, seed=3)] == [
         h.tolist() for _, h in cut
     ]
+
+
+def test_retrain_folds_hold_out_whole_patients(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAPNET_TUNE_CACHE", str(tmp_path / "cache"))
+    root = write_lung(tmp_path / "lung", count=24, per_patient=3, size=32)
+    doc = {
+        **TINY_STUDY,
+        "dataset": {"name": "lung", "source": str(root), "options": {"size": 16}},
+        "search_space": {k: v for k, v in TINY_STUDY["search_space"].items() if k != "hue_shift"},
+        "retrain": {"folds": 3},
+    }
+    path = tmp_path / "lung.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    config = load_study(path)
+    params = {"lr": 1e-3, "batch_size": 4, "pos_weight": 1.0, "flip_p": 0.0}
+    trial = optuna.trial.create_trial(
+        params=params,
+        distributions={
+            "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+            "batch_size": optuna.distributions.CategoricalDistribution([4]),
+            "pos_weight": optuna.distributions.FloatDistribution(1.0, 3.0),
+            "flip_p": optuna.distributions.FloatDistribution(0.0, 0.5),
+        },
+        value=0.5,
+    )
+    study = optuna.create_study(study_name="lung")
+    plan = make_plan(RetrainRequest(), study, config, [trial], [])
+    merged = train_and_val(plan.candidates[0].data)
+    patient = dict(zip(merged.names, merged.groups, strict=True))
+    assert len(plan.basis.folds) == 3 and plan.basis.seed == config.sampler.seed
+    for rest, held in kfold(plan, merged):
+        assert not {patient[merged.names[i]] for i in rest} & {
+            patient[merged.names[i]] for i in held
+        }
+    # The test split is sealed; its patients are none of the pool's.
+    test = plan.candidates[0].data.splits["test"]
+    with pytest.raises(EarlyTestReadError):
+        test.images  # noqa: B018
+    assert not {n[:7] for n in test.names} & set(merged.groups)
 
 
 def test_folder_groups_are_kept_together_by_the_folds(tmp_path):

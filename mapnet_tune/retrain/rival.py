@@ -55,7 +55,7 @@ class Rival:
         """``the selection digest differs from version 2's (folds, seed)``."""
         return (
             f"the selection digest differs from version {self.version}'s "
-            f"({', '.join(self.differs) or 'it records none'})"
+            f"({', '.join(self.differs) or 'it records no selection basis'})"
         )
 
 
@@ -65,10 +65,10 @@ def find_rival(plan: Plan, tracker: Tracker) -> Rival | None:
     if champion is None or champion.tags.get(DIGEST_TAG) == plan.basis.digest():
         return None
     try:
-        parts = json.loads(champion.tags.get(BASIS_TAG, "{}"))
-    except ValueError:
-        parts = {}
-    rival = Rival(champion.version, plan.basis.differences(parts))
+        parts = json.loads(champion.tags[BASIS_TAG])
+    except (KeyError, ValueError):
+        parts = None  # registered before versions recorded their basis
+    rival = Rival(champion.version, plan.basis.differences(parts) if parts else [])
     if plan.request.gate == "refuse":
         rival.refused = "--gate refuse was given"
         return rival
