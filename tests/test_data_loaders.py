@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -148,9 +149,17 @@ def test_lung_splits_and_groups_by_patient_by_default(tmp_path):
     assert patients == {"train": {"ID_0000"}, "val": {"ID_0001"}, "test": {"ID_0002"}}
     assert data.splits["train"].groups == ("ID_0000",) * 4
     assert "no patient spans two splits" in data.card()
-    # The groups survive the cache.
+    # The groups survive the cache; an entry written before splits had groups is rebuilt.
     cached = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
     assert cached.splits["val"].groups == ("ID_0001",) * 4
+    meta_path = cache.entry_dir(tmp_path / "cache", "lung", data.fingerprint) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for info in meta["splits"].values():
+        del info["groups"]
+    meta_path.write_text(json.dumps(meta))
+    rebuilt = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
+    assert rebuilt.fingerprint == data.fingerprint
+    assert rebuilt.splits["test"].groups == ("ID_0002",) * 2
 
 
 def test_lung_names_without_patient_ids_group_by_slice_and_say_so(tmp_path):
