@@ -198,7 +198,9 @@ def run(width: float, repeats: int) -> list[tuple[str, str, dict[str, float]]]:
                 files.append(folder / f"image{i}.png")
                 files[-1].write_bytes(png(image))
             one = [command + [str(files[0]), "--out", str(folder / "one")]]
-            latency = timed(lambda c=one[0]: subprocess.run(c, env=env, check=True), 3, 0)
+            latency = timed(
+                lambda c=one[0]: subprocess.run(c, env=env, check=True, capture_output=True), 3, 0
+            )
             start = time.perf_counter()
             every = command + [*map(str, files), "--out", str(folder / "all")]
             subprocess.run(every, env=env, check=True, capture_output=True)

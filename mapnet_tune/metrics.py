@@ -173,6 +173,10 @@ def roc_auc(
     return accumulator.auc()
 
 
+#: Metrics whose value depends on the threshold, for which one can be tuned.
+TUNABLE_METRICS = ("iou", "f1", "accuracy", "legacy_js", "legacy_auc_binary")
+
+
 class MetricAccumulator:
     """Streams batches of probabilities and targets; computes pooled metrics at the end.
 
@@ -278,6 +282,41 @@ class MetricAccumulator:
             keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
             fpr, tpr = fpr[keep], tpr[keep]
         return fpr, tpr
+
+    def best_threshold(self, name: str) -> tuple[float, float]:
+        """The threshold that maximises a pooled metric over everything added, and its value.
+
+        Candidates are the histogram's bin edges k / bins (0 < k < bins): a probability is at
+        or above k / bins exactly when its bin is k or higher, so every candidate's counts are
+        exact. Among equal values the threshold nearest 0.5 wins.
+
+        Args:
+            name: One of :data:`TUNABLE_METRICS`.
+
+        Raises:
+            ValueError: Another metric, or no batches added.
+        """
+        if name not in TUNABLE_METRICS:
+            raise ValueError(f"cannot tune a threshold for {name}; use one of {TUNABLE_METRICS}")
+        if self._histogram is None:
+            raise ValueError("no batches added; call update() first")
+        negatives, positives = self._histogram.double().cpu().numpy()
+        tp = np.cumsum(positives[::-1])[::-1][1:]
+        fp = np.cumsum(negatives[::-1])[::-1][1:]
+        fn, tn = positives.sum() - tp, negatives.sum() - fp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = {
+                "iou": tp / (tp + fp + fn),
+                "f1": 2 * tp / (2 * tp + fp + fn),
+                "accuracy": (tp + tn) / (tp + tn + fp + fn),
+                "legacy_js": (tp + tn) / (tp + tn + fp + fn),
+                "legacy_auc_binary": (tp / (tp + fn) + tn / (tn + fp)) / 2,
+            }[name]
+        values = np.nan_to_num(values, nan=-np.inf)
+        thresholds = np.arange(1, self.bins) / self.bins
+        best = np.flatnonzero(values == values.max())
+        pick = best[np.argmin(np.abs(thresholds[best] - 0.5))]
+        return float(thresholds[pick]), float(values[pick])
 
     def compute(self, prefix: str = "val", legacy: bool = False) -> dict[str, float]:
         """Metrics of everything added, keyed ``prefix/name``.

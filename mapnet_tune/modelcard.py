@@ -15,6 +15,10 @@ from typing import Any
 from mapnet_tune.engine import Evaluation
 from mapnet_tune.names import FINGERPRINT_TAG, GIT_TAG, METRIC_TAG
 
+#: Version tags the champion gate reads: the selection basis, and what rebuilds a candidate.
+DIGEST_TAG, BASIS_TAG = "selection.digest", "selection.basis"
+SEED_TAG, RECIPE_SETTINGS_TAG, TRAINING_DIGEST_TAG = "seed", "recipe.settings", "training.digest"
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -43,6 +47,13 @@ class ModelCard:
         folds: Cross-validation folds (0: the val split decided).
         test: Test metrics, scored once after every decision; empty without a test split.
         git_sha: The code it was trained with.
+        seed: The seed of its training (and of its folds' training).
+        recipe_settings: The recipe in full, so that its candidate can be trained again.
+        training_digest: A digest of the study file's model, train and objective sections:
+            what, besides the recipe and the parameters, a retraining depends on.
+        selection_digest: The digest of the selection basis its numbers were measured on.
+        selection_basis: A short hash per part of that basis (data, pool, folds, seed, ...).
+        threshold_rule: How ``evaluation.threshold`` was chosen, in words.
     """
 
     dataset: str
@@ -65,6 +76,12 @@ class ModelCard:
     folds: int = 0
     test: dict[str, float] = field(default_factory=dict)
     git_sha: str = "unknown"
+    seed: int | None = None
+    recipe_settings: dict[str, Any] = field(default_factory=dict)
+    training_digest: str = ""
+    selection_digest: str = ""
+    selection_basis: dict[str, str] = field(default_factory=dict)
+    threshold_rule: str = "fixed at 0.5"
 
     def with_test(self, metrics: dict[str, float]) -> ModelCard:
         """The same card with its single test score."""
@@ -108,7 +125,13 @@ class ModelCard:
             "weights": self.weights,
             "evaluation": self.evaluation.describe(),
             "threshold": repr(self.evaluation.threshold),
+            "threshold.rule": self.threshold_rule,
             "selection_metric": self.selection_metric,
+            DIGEST_TAG: self.selection_digest,
+            BASIS_TAG: json.dumps(self.selection_basis, sort_keys=True),
+            SEED_TAG: str(self.seed),
+            RECIPE_SETTINGS_TAG: json.dumps(self.recipe_settings, sort_keys=True),
+            TRAINING_DIGEST_TAG: self.training_digest,
             "folds": str(self.folds),
             "test_scored": "yes" if self.test else "no",
             **{f"param.{k}": str(v) for k, v in self.params.items()},
@@ -138,9 +161,10 @@ class ModelCard:
             f"- Trained on {self.trained_on}: {self.training}, {self.epochs} epochs, "
             f"batch {self.batch_size}, lr {self.params.get('lr', float('nan')):.3g}.",
             f"- Weights: {self.weights}.",
-            f"- Scored and used with {self.evaluation.describe()}, threshold "
-            f"{self.evaluation.threshold:g}.",
-            f"- Chosen by `{self.selection_metric}` = {value}, from {chosen}.",
+            f"- Scored on test and used with {self.evaluation.describe()}, threshold "
+            f"{self.evaluation.threshold:g} ({self.threshold_rule}).",
+            f"- Chosen by `{self.selection_metric}` = {value}, from {chosen}; selection "
+            f"digest `{self.selection_digest}`.",
             f"- Test: {test} (scored once, after the choice; it decides nothing)."
             if test
             else "- Test: not scored (the dataset has no test split here).",

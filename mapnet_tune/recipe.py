@@ -169,6 +169,14 @@ class Retraining:
         r = self.recipe
         return _evaluation(r.protocol, train, r.eval_stride, r.eval_batch_size)
 
+    def served_evaluation(self, train: Split, threshold: float) -> Evaluation:
+        """How the registered model is scored on test and used by ``evaluate`` and ``predict``:
+        the recipe's test stride and the chosen threshold."""
+        r = self.recipe
+        return dataclasses.replace(
+            self.evaluation(train), stride=r.test_stride or r.eval_stride, threshold=threshold
+        )
+
     def settings(self, train: Split) -> TrainSettings:
         """Training settings for ``train`` (already in its training view)."""
         return _settings(

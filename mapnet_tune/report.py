@@ -310,8 +310,9 @@ def _label(version: ModelVersionInfo) -> str:
         f"MAP-Net, mapnet-tune: {version.name} v{version.version} "
         f"@{', @'.join(version.aliases)} (study {tags.get('study', '?')}, trial "
         f"{tags.get('trial', '?')}, recipe {tags.get('recipe', '?')}; trained on "
-        f"{tags.get('train_resolution', '?')}, {tags.get('evaluation', '?')}; chosen by "
-        f"{tags.get('selection_metric', '?')})"
+        f"{tags.get('train_resolution', '?')}; test scored with {tags.get('evaluation', '?')}, "
+        f"threshold {tags.get('threshold', '?')} ({tags.get('threshold.rule', 'fixed at 0.5')}); "
+        f"chosen by {tags.get('selection_metric', '?')})"
     )
 
 

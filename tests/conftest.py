@@ -255,6 +255,26 @@ def registered_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def folds_root(tmp_path_factory):
+    """A folder where the tiny study was searched (3 trials) and its best trial registered by
+    2-fold cross-validation: a champion with per-fold values that a later retrain compares
+    with on the same selection digest. Tests must not change it; copy its databases."""
+    root = tmp_path_factory.mktemp("folds")
+    runner = CliRunner()
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, root, root / "cache")
+        _own_tracking_store(patch, root)
+        study = write_study(root / "tiny.yaml")
+        for args in (
+            ("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
+            ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 1, "--folds", 2),
+        ):
+            result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    return root
+
+
 @pytest.fixture
 def registry(registered_root, tmp_path, monkeypatch):
     """A working directory with private copies of the shared study and registry databases.

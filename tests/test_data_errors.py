@@ -90,10 +90,8 @@ CASES = [
      lambda r: (r / "2d_masks/ID_0001_Z_0005.tif").unlink(), ["ID_0001_Z_0005.tif"], {}),
     ("lung-empty-split", "lung", lambda r: write_lung(r, count=2), lambda r: None,
      ["train split would be empty"], {}),
-    ("lung-patient-names", "lung", write_lung,
-     lambda r: [(r / d / "ID_0000_Z_0000.tif").rename(r / d / "scan.tif")
-                for d in ("2d_images", "2d_masks")],
-     ["scan.tif", "split=patient"], {"split": "patient"}),
+    ("folder-groups-regex", "folder", write_folder,
+     lambda r: None, ["case00.png", "option groups 'P[0-9]'"], {"groups": "P[0-9]"}),
     ("folder-missing-folder", "folder", write_folder, lambda r: shutil.rmtree(r / "masks"),
      ["masks/"], {}),
     ("folder-mask-without-image", "folder", write_folder,

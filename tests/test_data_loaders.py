@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -39,7 +40,9 @@ def test_drive_tiny_layout_with_test_split(tmp_path):
     assert train.names == ("21_training", "22_training") and len(val.names) == 2
     assert test.names == ("1_test", "2_test", "3_test") and test.patches is None
     assert test.images.shape == (3, 1, 30, 26) and test.fov.shape == (3, 1, 30, 26)
-    assert data.settings["test_mean"] != data.settings["mean"]  # the test set's own statistics
+    assert data.settings["test_mean"] != data.settings["mean"]  # the published chain's own
+    # ... which the per-image min-max cancels: no test-set note is needed or made.
+    assert not any("test set" in note for note in data.settings["notes"])
     # Square crop to the width: rows 2:28 of the 30x26 images.
     assert data.settings["crop"] == [2, 0, 26]
     assert len(train.patches) == 10 and train.patches[:, 1].min() >= 2
@@ -106,9 +109,9 @@ def test_isic_ground_truth_thresholds(tmp_path):
 
 def test_lung_hu_direct(tmp_path):
     root = write_lung(tmp_path / "lung", count=10)
-    data = prepare("lung", root, {"size": 48}, cache_dir=tmp_path / "cache")
+    data = prepare("lung", root, {"size": 48, "split": "sorted"}, cache_dir=tmp_path / "cache")
     assert data.settings["intensity"] == "hu"
-    # floor(0.7 * 10) = 7 train+val, int(7 * 0.8) = 5 train.
+    # The published split: floor(0.7 * 10) = 7 train+val, int(7 * 0.8) = 5 train.
     assert [len(data.splits[k].names) for k in ("train", "val", "test")] == [5, 2, 3]
     train = data.splits["train"]
     assert train.images.shape == (5, 1, 48, 48) and train.fov is None and not train.extras
@@ -116,7 +119,7 @@ def test_lung_hu_direct(tmp_path):
     lung = np.asarray(Image.open(root / "2d_masks/ID_0000_Z_0000.tif")) > 127
     nearest = np.asarray(Image.fromarray(lung).resize((48, 48), Image.Resampling.NEAREST))
     assert np.array_equal(train.masks[0, 0], nearest)
-    assert "target direct" in data.card()
+    assert "target direct" in data.card() and "a patient may span two splits" in data.card()
 
 
 @pytest.mark.parametrize("hu", [True, False])
@@ -138,12 +141,36 @@ def test_lung_bcdu_outside(tmp_path, hu):
     assert "bcdu-outside" in data.card() and "leaks" in data.card()
 
 
-def test_lung_patient_split(tmp_path):
+def test_lung_splits_and_groups_by_patient_by_default(tmp_path):
     root = write_lung(tmp_path / "lung", count=10, per_patient=4)
-    data = prepare("lung", root, {"split": "patient", "size": 32}, cache_dir=tmp_path / "cache")
+    data = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
     patients = {k: {n[:7] for n in s.names} for k, s in data.splits.items()}
     # Patients of 4, 4 and 2 slices: floor(0.7 * 3) = 2 train+val, int(2 * 0.8) = 1 train.
     assert patients == {"train": {"ID_0000"}, "val": {"ID_0001"}, "test": {"ID_0002"}}
+    assert data.splits["train"].groups == ("ID_0000",) * 4
+    assert "no patient spans two splits" in data.card()
+    # The groups survive the cache; an entry written before splits had groups is rebuilt.
+    cached = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
+    assert cached.splits["val"].groups == ("ID_0001",) * 4
+    meta_path = cache.entry_dir(tmp_path / "cache", "lung", data.fingerprint) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for info in meta["splits"].values():
+        del info["groups"]
+    meta_path.write_text(json.dumps(meta))
+    rebuilt = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
+    assert rebuilt.fingerprint == data.fingerprint
+    assert rebuilt.splits["test"].groups == ("ID_0002",) * 2
+
+
+def test_lung_names_without_patient_ids_group_by_slice_and_say_so(tmp_path):
+    root = write_lung(tmp_path / "lung", count=10)
+    for folder in ("2d_images", "2d_masks"):
+        for path in (root / folder).iterdir():
+            path.rename(path.with_name(path.name.replace("ID_", "scan")))
+    data = prepare("lung", root, {"size": 32}, cache_dir=tmp_path / "cache")
+    assert [len(data.splits[k].names) for k in ("train", "val", "test")] == [5, 2, 3]
+    assert data.splits["train"].image_groups == data.splits["train"].names
+    assert "10 of 10 slice names carry no patient ID" in data.card()
 
 
 # Folder
@@ -160,6 +187,26 @@ def test_folder_splits_channels_and_sizes(tmp_path):
     assert grey.splits["train"].images.shape == (8, 1, 16, 16) and "test" not in grey.splits
     new = read_image(root / "images/case00.png")
     assert np.allclose(preprocess_images(grey.settings, [new])[0], grey.splits["train"].images[0])
+
+
+def test_folder_groups_regex_keeps_each_group_in_one_split(tmp_path):
+    root = write_folder(tmp_path / "own", count=10)
+    # Patient = case number // 3, written as a suffix, so groups are not contiguous by name.
+    for folder in ("images", "masks"):
+        for path in (root / folder).iterdir():
+            number = int(path.stem.removeprefix("case"))
+            path.rename(path.with_name(f"{path.stem}_p{number % 3}.png"))
+    options = {"val_fraction": 0.3, "test_fraction": 0.3, "groups": r"_(p\d)$"}
+    data = prepare("folder", root, options, cache_dir=tmp_path / "cache")
+    groups = {k: set(s.groups) for k, s in data.splits.items()}
+    assert groups == {"train": {"p0"}, "val": {"p1"}, "test": {"p2"}}
+    assert all(
+        n.endswith(g) for s in data.splits.values() for n, g in zip(s.names, s.groups, strict=True)
+    )
+    with pytest.raises(UserError, match="option groups '_x' does not match"):
+        prepare("folder", root, {"groups": "_x"}, cache_dir=tmp_path / "cache")
+    with pytest.raises(UserError, match="option groups must be a regular expression"):
+        prepare("folder", root, {"groups": "("}, cache_dir=tmp_path / "cache")
 
 
 def test_folder_masks_zero_one_and_binarize(tmp_path):

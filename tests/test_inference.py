@@ -62,6 +62,22 @@ def test_sliding_window_averages_overlapping_windows():
     np.testing.assert_allclose(got, (total / count)[:, :37], rtol=1e-5)
 
 
+def test_sliding_window_at_stride_5_never_holds_more_than_a_batch_of_windows():
+    # DRIVE's size and the published stride: 105 x 102 windows of 64 px, 16 per forward.
+    seen = []
+
+    class Recording(ConstantLogit):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return super().forward(x)
+
+    image = np.random.default_rng(2).random((1, 3, 584, 565), dtype=np.float32)
+    evaluation = engine.Evaluation("sliding-window", window=64, stride=5, batch_size=16)
+    probs = engine.predict(Recording(0.3), image, evaluation, device=torch.device("cpu"))
+    assert sum(seen) == 105 * 102 and max(seen) == 16
+    assert torch.allclose(probs, torch.sigmoid(torch.tensor(0.3)))
+
+
 def test_patch_evaluation_scores_only_the_fov():
     images = np.zeros((1, 1, 64, 64), np.float32)
     masks = np.ones((1, 1, 64, 64), np.uint8)

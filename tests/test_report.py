@@ -22,7 +22,11 @@ def test_report_writes_the_table_and_the_plots(registry, cli):
     assert result.exit_code == 0, result.output
     text = (registry / "rep" / "report.md").read_text()
     assert "| **MAP-Net, mapnet-tune: mapnet-synthetic v" in text
-    assert "trained on 32x32 whole images, full-image; chosen by val/iou" in text
+    assert (
+        "trained on 32x32 whole images; test scored with full-image, threshold 0.5 (fixed at"
+        in text
+    )
+    assert "as in the published rows); chosen by val/iou" in text
     assert "no published results ship for it" in text and "## Best trials" in text
     plots = [
         "optimization_history.png",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -24,7 +25,8 @@ from mapnet_tune.errors import UserError
 from mapnet_tune.model import MAPNet
 from mapnet_tune.predict import load_predictor
 from mapnet_tune.retrain import RetrainRequest, decide_champion, plan, retrain_best
-from mapnet_tune.tracking import ModelVersionInfo, Tracker
+from mapnet_tune.retrain.selection import Standing
+from mapnet_tune.tracking import Tracker
 from tests.conftest import (
     REGISTERED_STUDY,
     TINY_STUDY,
@@ -175,24 +177,51 @@ def test_champion_gate_in_both_directions(registry, cli):
 
 
 def test_decide_champion_explains_itself():
-    champion = ModelVersionInfo("m", "2", "run", {"metric.val/loss": "0.3"})
-    assert decide_champion("1", 0.5, None, "val/loss", False) == (
+    champion = Standing("2", 0.3)
+    assert decide_champion(Standing("1", 0.5), None, "val/loss", False) == (
         True,
         "champion moves to version 1 (the first champion; val/loss 0.5000)",
     )
-    moves, why = decide_champion("3", 0.2, champion, "val/loss", maximize=False)
-    assert moves and why == "champion moves to version 3 (val/loss 0.2000 < 0.3000 of version 2)"
-    moves, why = decide_champion("3", 0.3, champion, "val/loss", maximize=False)
+    moves, why = decide_champion(Standing("3", 0.2), champion, "val/loss", maximize=False)
+    assert moves and why.startswith(
+        "champion moves to version 3 (val/loss 0.2000 < 0.3000 of version 2) by the val-split "
+        "rule: no folds to measure noise"
+    )
+    moves, why = decide_champion(Standing("3", 0.3), champion, "val/loss", maximize=False)
     assert not moves and "stays version 2 (val/loss 0.3000 <= 0.3000 of version 3)" in why
-    assert decide_champion("3", math.nan, champion, "val/loss", False)[0] is False
-    assert decide_champion("3", 0.9, champion, "val/iou", True)[0] is True  # nothing to compare
+    assert decide_champion(Standing("3", math.nan), champion, "val/loss", False)[0] is False
+    # A champion without the metric is not overtaken blindly.
+    moves, why = decide_champion(Standing("3", 0.9), Standing("2", math.nan), "val/iou", True)
+    assert not moves and "it has no val/iou to compare with" in why
+
+
+def test_the_gate_needs_a_paired_margin_larger_than_its_standard_error():
+    held = Standing("2", 0.80, (0.78, 0.80, 0.82))
+    metric = "cv/val/iou_mean"
+    # Better on every fold by about 0.01: the differences barely vary, so that is signal.
+    clear = Standing("3", 0.81, (0.79, 0.811, 0.83))
+    moves, why = decide_champion(clear, held, metric, maximize=True)
+    assert moves and why.startswith("champion moves to version 3 (paired val/iou difference +0.")
+    # A higher mean from one lucky fold is within the noise of the paired differences.
+    lucky = Standing("3", 0.8133, (0.76, 0.80, 0.88))
+    moves, why = decide_champion(lucky, held, metric, maximize=True)
+    assert not moves and why.startswith("tie within CV noise: champion stays version 2")
+    diffs = np.array([-0.02, 0.0, 0.06])
+    assert f"difference {diffs.mean():+.4f}, standard error {diffs.std(ddof=1) / 3**0.5:.4f}" in why
+    worse = Standing("3", 0.70, (0.68, 0.70, 0.72))
+    moves, why = decide_champion(worse, held, metric, maximize=True)
+    assert not moves and "version 3 is worse" in why
+    # The same candidate retrained reproduces its folds: a tie, not a move.
+    assert decide_champion(Standing("3", 0.80, held.folds), held, metric, True)[0] is False
 
 
 @pytest.mark.slow
 def test_folds_report_mean_and_spread_and_register_the_best_mean(registry, cli):
+    champion_before = _aliases()["champion"]
     result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
     assert result.exit_code == 0, result.output
-    assert len(re.findall(r"t\d{4}: cv/val/iou_mean \S+ \+- \S+", result.output)) == 2
+    rows = re.findall(r"^t\d{4}: cv/val/iou_mean \S+ \+- \S+$", result.output, re.M)
+    assert len(rows) == 2  # and the champion's re-run, marked as such
     assert "chosen by cv/val/iou_mean: t" in result.output
     versions = _versions()
     assert len(versions) == 3
@@ -200,10 +229,16 @@ def test_folds_report_mean_and_spread_and_register_the_best_mean(registry, cli):
     assert {"metric.cv/val/iou_mean", "metric.cv/val/iou_std", "metric.test/iou"} <= set(new)
     assert new["trained_on"] == "train+val" and new["selection_metric"] == "cv/val/iou_mean"
     assert new["folds"] == "2"
+    # The champion was chosen on the val split, another selection digest: its candidate is
+    # cross-validated again on the same folds before the gate compares.
+    assert "the selection digest differs from version" in result.output
+    assert "re-run on the current folds" in result.output
+    (rerun,) = _runs("retrain-champion")
+    assert rerun.data.tags["optuna.trial"] == versions[int(champion_before) - 1].tags["trial"]
     folds = _runs("retrain-fold")
-    assert len(folds) == 4 and all(r.info.status == "FINISHED" for r in folds)
+    assert len(folds) == 6 and all(r.info.status == "FINISHED" for r in folds)
     held_out = {r.data.params["held_out"] for r in folds}
-    assert len(held_out) == 2  # the same two folds for both configurations
+    assert len(held_out) == 2  # the same two folds for both configurations and the champion
     assert sum(len(h.split(",")) for h in held_out) == 12  # train 8 + val 4, each once
     # Each fold logs its held-out curve with the recipe's own settings.
     fold = folds[0]
@@ -442,10 +477,14 @@ def test_recipes_are_compared_by_the_same_folds_in_one_command(workdir, cli, mon
 
 
 @pytest.mark.slow
-def test_changing_only_the_test_labels_changes_no_decision(
-    registry, registered_root, cli, monkeypatch
+def test_changing_only_the_test_labels_changes_nothing_but_the_test_score(
+    folds_root, tmp_path, cli, monkeypatch
 ):
-    """Two retrains from the same registry, one with every test label inverted."""
+    """Two retrains from the same registry, one with every test label inverted.
+
+    The registry holds a champion chosen by 2-fold CV, so the gate compares the new version
+    with it fold by fold on the same selection digest.
+    """
     real_prepare = plan.prepare
 
     def inverted_test(*args, **kwargs):
@@ -454,31 +493,47 @@ def test_changing_only_the_test_labels_changes_no_decision(
         flipped = dataclasses.replace(test, masks=(1 - test.masks).astype(np.uint8))
         return dataclasses.replace(data, splits={**data.splits, "test": flipped})
 
-    outputs, tags = [], []
+    monkeypatch.setenv("MAPNET_TUNE_CACHE", str(folds_root / "cache"))
+    monkeypatch.delenv("MAPNET_TUNE_STORAGE", raising=False)
+    seen = []
     for folder, patch in (("plain", False), ("inverted", True)):
-        here = registry / folder
+        here = tmp_path / folder
         here.mkdir()
         for name in ("optuna.db", "mlflow.db"):
-            shutil.copy(registered_root / name, here / name)
+            shutil.copy(folds_root / name, here / name)
         monkeypatch.chdir(here)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{here / 'mlflow.db'}")
         if patch:
             monkeypatch.setattr(plan, "prepare", inverted_test)
         result = cli("retrain-best", "--top-k", 2, "--folds", 2, "--force")
         assert result.exit_code == 0, result.output
-        outputs.append(
-            [
-                line
-                for line in result.output.splitlines()
-                if "cv/val/iou_mean" in line or "registered as" in line
-            ]
+        newest = _versions()[-1]
+        predictor, _ = load_predictor(f"models:/{MODEL}/{newest.version}", device="cpu")
+        card = predictor.card
+        weights = b"".join(t.numpy().tobytes() for t in predictor.model.state_dict().values())
+        seen.append(
+            {
+                "decisions": [
+                    line
+                    for line in result.output.splitlines()
+                    if "cv/val/iou_mean" in line or "registered as" in line
+                ],
+                "state_dict": hashlib.sha256(weights).hexdigest(),
+                "tags": {k: v for k, v in newest.tags.items() if not k.startswith("metric.test/")},
+                "card": {k: v for k, v in card.to_dict().items() if k != "test"},
+                "aliases": _aliases(),
+                "test": newest.tags["metric.test/iou"],
+            }
         )
-        tags.append(_versions()[-1].tags)
-    # Every decision (the CV table, the chosen candidate, the champion gate) is the same.
-    assert outputs[0] == outputs[1] and any("champion" in line for line in outputs[0])
-    assert tags[0]["metric.cv/val/iou_mean"] == tags[1]["metric.cv/val/iou_mean"]
+    plain, inverted = seen
+    # The gate compared on the same digest, fold by fold.
+    assert any("paired val/iou difference" in line for line in plain["decisions"])
+    # Every decision, the registered weights, every tag but the test metrics, the card less
+    # its test block and the aliases are the same ...
+    for key in ("decisions", "state_dict", "tags", "card", "aliases"):
+        assert plain[key] == inverted[key], key
     # ... while the test score, stored apart, did see the inverted labels.
-    assert tags[0]["metric.test/iou"] != tags[1]["metric.test/iou"]
+    assert plain["test"] != inverted["test"]
 
 
 def test_the_shipped_drive_study_cross_validates_full_resolution_by_default():
@@ -486,7 +541,9 @@ def test_the_shipped_drive_study_cross_validates_full_resolution_by_default():
     assert drive.retrain.folds == 5
     default = drive.retrain.recipes["default"]
     assert default.resolution == "full" and default.protocol == "full-image"
-    assert drive.retrain.recipes["crop256"].resolution == "crop"
+    crop = drive.retrain.recipes["crop256"]
+    assert crop.resolution == "crop" and crop.eval_stride == 64
+    assert crop.test_stride == 5  # the registered crop model is scored on test as published
     isic = load_study(STUDIES_DIR / "isic.yaml")
     assert isic.retrain.recipes["default"].resolution == "full"
 

@@ -87,6 +87,14 @@ def evaluate(
     help="Retrain recipes that compete under the same validation, e.g. "
     "default,crop256 [default: default].",
 )
+@click.option(
+    "--gate",
+    type=click.Choice(["rerun", "refuse"]),
+    default="rerun",
+    show_default=True,
+    help="When the champion was selected on another basis (study, folds, data, mode): "
+    "re-run its candidate on the current folds to compare, or refuse to move the alias.",
+)
 @click.option("--force", is_flag=True, help="Retrain trials that are registered already.")
 @click.option(
     "--config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Annotated, Any
 
@@ -43,7 +44,10 @@ class RecipeConfig(Model):
             larger samples keep the pixels per optimiser step: (64 / 256)^2 for DRIVE crops.
         eval_protocol: ``full-image`` or ``sliding-window`` (windows the size of the training
             patches); by default full-image for ``full`` and sliding-window for ``crop``.
-        eval_stride: Sliding-window stride.
+        eval_stride: Sliding-window stride while validating (the folds, the val split).
+        test_stride: Sliding-window stride of the registered model: its single test score,
+            ``evaluate`` and ``predict``; None keeps ``eval_stride``. DRIVE's published numbers
+            use 5.
         eval_batch_size: Images (full-image) or windows (sliding-window) per forward pass.
         val_every: A fold scores its held-out images every this many epochs (and after the
             last), so its curve shows whether ``epochs`` is enough.
@@ -56,6 +60,7 @@ class RecipeConfig(Model):
     # Test images have no patch coordinates: a retrained model is scored on whole images.
     eval_protocol: Annotated[str, one_of(EVAL_PROTOCOLS[1:])] | None = None
     eval_stride: PositiveInt = 16
+    test_stride: PositiveInt | None = None
     eval_batch_size: PositiveInt = 16
     val_every: PositiveInt = 5
 
@@ -85,12 +90,30 @@ class RetrainConfig(RecipeConfig):
     Attributes:
         folds: K-fold cross-validation over train + val decides among the candidates and the
             champion gate; 0 trains on train and decides on the val split.
+        threshold: The registered model's probability threshold: a number (0.5 by default,
+            as the published rows use), or ``tune``: the one that maximises the objective's
+            metric on the out-of-fold probabilities of the chosen candidate's folds (on val
+            with ``--folds 0``). Selection itself always compares at 0.5.
         variants: Named recipes: each is the default recipe with the variant's keys over it.
         recipes: ``default`` and every variant; ``--recipe`` picks which ones compete.
     """
 
     folds: int = 0
+    threshold: float | str = 0.5
     variants: dict[str, RecipeConfig] = Field(default_factory=dict)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, threshold: Any) -> float | str:
+        if str(threshold).lower() == "tune":
+            return "tune"
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0 < value < 1 or isinstance(threshold, bool):
+            raise ValueError(f"must be a probability in (0, 1) or 'tune', got {threshold!r}")
+        return value
 
     @field_validator("folds")
     @classmethod

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mapnet_tune.data import cache, drive, folder, isic, lung, synthetic
-from mapnet_tune.data.base import Loader, PreparedDataset, Split
+from mapnet_tune.data.base import Loader, PreparedDataset, Scan, Split
 from mapnet_tune.data.io import read_image
 from mapnet_tune.data.options import resolve
 from mapnet_tune.errors import UserError
@@ -30,6 +30,7 @@ __all__ = [
     "PreparedDataset",
     "Split",
     "dataset_names",
+    "fingerprint",
     "get_loader",
     "prepare",
     "preprocess_images",
@@ -93,11 +94,7 @@ def prepare(
     loader = get_loader(name)
     resolved = resolve(name, loader.options, options)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if source is None:
-        source = _remembered_sources(cache_dir).get(name)
-    root = Path(source).expanduser() if source is not None else None
-    scanned = loader.scan(root, resolved)
-    fp = cache.fingerprint(name, resolved, scanned)
+    root, scanned, fp = _scan(name, source, resolved, cache_dir)
     origin = str(root.resolve()) if root is not None else f"mapnet-tune's {name} generator"
     cached = cache.load(cache_dir, name, fp)
     if cached is not None:
@@ -111,6 +108,30 @@ def prepare(
     entry = cache.save(cache_dir, dataset)
     log.info("prepared %s into %s in %.1f s", name, entry, time.perf_counter() - started)
     return dataset
+
+
+def fingerprint(
+    name: str, source: str | Path | None, options: dict | None = None, cache_dir: Path | None = None
+) -> str:
+    """The fingerprint :func:`prepare` would give, from the files alone (nothing is built).
+
+    Raises:
+        UserError: As :func:`prepare` does for an unknown dataset, option or a bad layout.
+    """
+    resolved = resolve(name, get_loader(name).options, options)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _scan(name, source, resolved, cache_dir)[2]
+
+
+def _scan(
+    name: str, source: str | Path | None, resolved: dict, cache_dir: Path
+) -> tuple[Path | None, Scan, str]:
+    """The source folder (or the remembered one), its checked layout and its fingerprint."""
+    if source is None:
+        source = _remembered_sources(cache_dir).get(name)
+    root = Path(source).expanduser() if source is not None else None
+    scanned = get_loader(name).scan(root, resolved)
+    return root, scanned, cache.fingerprint(name, resolved, scanned)
 
 
 def _sources_file(cache_dir: Path) -> Path:

@@ -26,6 +26,8 @@ class Split:
         patch_size: Side of the square patches, when there are patches.
         extras: Additional per-image arrays, (N, 1, H, W) each, e.g. the lung masks and body
             FOV that the legacy lung evaluation needs.
+        groups: The group of each image (the lung set's patient ID): images of one group are
+            never on both sides of a cross-validation fold. None: every image is its own group.
     """
 
     images: np.ndarray
@@ -35,6 +37,7 @@ class Split:
     patches: np.ndarray | None = None
     patch_size: int | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         n, _, h, w = self.images.shape
@@ -46,8 +49,15 @@ class Split:
                 raise ValueError(f"Split {key} has shape {array.shape}, expected {(n, 1, h, w)}")
         if len(self.names) != n:
             raise ValueError(f"Split has {n} images but {len(self.names)} names")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"Split has {n} images but {len(self.groups)} groups")
         if (self.patches is None) != (self.patch_size is None):
             raise ValueError("Split patches and patch_size go together")
+
+    @property
+    def image_groups(self) -> tuple[str, ...]:
+        """The group of each image: its recorded group, or its own name."""
+        return self.groups if self.groups is not None else self.names
 
     def positive_fraction(self) -> float:
         """Fraction of evaluated pixels (inside the FOV when there is one) that are positive."""

@@ -26,7 +26,9 @@ from mapnet_tune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Bump when preprocessing or the entry format changes, so old entries are not reused.
+# Bump when preprocessing or the entry format changes, so old entries are not reused. It is
+# part of every fingerprint, so a bump changes the fingerprint of every dataset. Entries
+# written before splits recorded their groups lack the "groups" key and are rebuilt on load.
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 # Files up to this size are hashed in full. Larger ones (whole ISIC photographs) are hashed by
@@ -134,7 +136,11 @@ def _write_entry(folder: Path, dataset: PreparedDataset) -> None:
         "channels": dataset.channels,
         "settings": dataset.settings,
         "splits": {
-            k: {"names": list(s.names), "patch_size": s.patch_size}
+            k: {
+                "names": list(s.names),
+                "patch_size": s.patch_size,
+                "groups": None if s.groups is None else list(s.groups),
+            }
             for k, s in dataset.splits.items()
         },
     }
@@ -172,4 +178,5 @@ def _load_split(path: Path, info: Mapping) -> Split:
         extras={
             k.removeprefix(_EXTRA_PREFIX): v for k, v in data.items() if k.startswith(_EXTRA_PREFIX)
         },
+        groups=None if info["groups"] is None else tuple(info["groups"]),
     )

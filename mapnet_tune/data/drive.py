@@ -3,8 +3,10 @@
 Per set (training, or test), faithfully: greyscale Y = 0.299 R + 0.587 G + 0.114 B in float;
 z-score with the mean and population std over every pixel of the set's images (FOV or not);
 per-image min-max to [0, 255]; uint8 truncation; CLAHE (clip limit 2, 8x8 tiles); gamma 1.2
-through a truncated lookup table; / 255. The test set is standardised with its own
-statistics, as published (transductive). Images are sorted by file name.
+through a truncated lookup table; / 255. The z-score is an affine map with a positive scale,
+which the per-image min-max undoes: each image's result depends on that image alone (up to
+float rounding), so no statistic of the test set reaches a test image. Images are sorted by
+file name.
 
 In "rgb" input mode the same steps run on each colour channel separately (per-channel
 statistics, min-max and CLAHE), so colour survives and hue augmentation has something to act
@@ -137,10 +139,6 @@ def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
     if "test" in scanned.groups:
         splits["test"], settings["test_mean"], settings["test_std"] = _prepare_set(
             scanned.groups["test"], options["input_mode"]
-        )
-        settings["notes"].append(
-            "test images are standardised with the test set's own statistics, as published "
-            "(transductive)"
         )
     else:
         settings["notes"].append("no test/ folder in the source, so there is no test split")

@@ -1,7 +1,11 @@
 """A user's own dataset: ``images/`` and ``masks/`` with matching file stems.
 
 Files are sorted by name and cut by position into train / val (/ test) blocks by the
-fractions, rounded as :func:`~mapnet_tune.data.splits.proportional_sizes` does. Masks must be
+fractions, rounded as :func:`~mapnet_tune.data.splits.proportional_sizes` does. With the
+``groups`` option (a regular expression over the file stem; its first group, or the whole
+match, names the group, e.g. a patient) whole groups are cut instead, in the order of their
+first file, and cross-validation folds never split a group; without it every image is its
+own group. Masks must be
 binary (0 and one foreground value) unless ``binarize`` is set, which thresholds them at 127
 (at 0 for {0, 1} masks). Intensities: 8-bit images are divided by 255; other images are
 min-maxed per image (recorded in the settings).
@@ -9,6 +13,7 @@ min-maxed per image (recorded in the settings).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +31,8 @@ from mapnet_tune.data.imageops import (
     stack,
 )
 from mapnet_tune.data.io import Role, pair_files, read_all, read_image, require_dir, require_source
-from mapnet_tune.data.options import Option, boolean, choice, fraction, integer, optional
-from mapnet_tune.data.splits import blocks, proportional_sizes
+from mapnet_tune.data.options import Option, boolean, choice, fraction, integer, optional, regex
+from mapnet_tune.data.splits import group_blocks, proportional_sizes
 from mapnet_tune.errors import UserError
 
 LAYOUT = "images/NAME.png with masks/NAME.png of the same stem (png, jpg, tif, gif or bmp)"
@@ -38,6 +43,9 @@ OPTIONS = {
     "val_fraction": Option(0.2, fraction, "fraction of images that validate"),
     "test_fraction": Option(0.0, fraction, "fraction of images for a test split"),
     "binarize": Option(False, boolean, "threshold non-binary masks at 127 instead of refusing"),
+    "groups": Option(
+        None, optional(regex), "regex over the file stem naming its group, e.g. '^(P\\d+)_'"
+    ),
 }
 
 
@@ -54,7 +62,15 @@ def scan(source: Path | None, options: dict) -> Scan:
         Role(require_dir(root, "images", LAYOUT), "image", r"(.+)", "{}.png"),
         Role(require_dir(root, "masks", LAYOUT), "mask", r"(.+)", "{}.png"),
     ]
-    return Scan(root, {"pairs": pair_files(roles)})
+    items = pair_files(roles)
+    if options["groups"] is not None:
+        for image_path, _ in items:
+            if re.search(options["groups"], image_path.stem) is None:
+                raise UserError(
+                    f"{image_path}: option groups '{options['groups']}' does not match the "
+                    "name; write a regex that matches every file stem, or drop the option"
+                )
+    return Scan(root, {"pairs": items})
 
 
 def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
@@ -74,21 +90,34 @@ def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
             converted, mask = resize_image(converted, (size, size)), resize_mask(mask, (size, size))
         images.append(chw(scale_intensity(converted, mode)))
         masks.append(mask[None])
+    stems = tuple(image_path.stem for image_path, _ in items)
+    groups = (
+        None if options["groups"] is None else tuple(_group(options["groups"], s) for s in stems)
+    )
     everything = Split(
-        images=stack(images),
-        masks=np.stack(masks),
-        fov=None,
-        names=tuple(image_path.stem for image_path, _ in items),
+        images=stack(images), masks=np.stack(masks), fov=None, names=stems, groups=groups
     )
     val, test = options["val_fraction"], options["test_fraction"]
     names, weights = ("train", "val", "test"), (1 - val - test, val, test)
     if test == 0:
         names, weights = names[:2], weights[:2]
-    sizes = proportional_sizes(len(items), weights, f"{scanned.root / 'images'}")
-    settings = {"channels": channels, "intensity": mode, "split_sizes": list(sizes)}
+    keys = everything.image_groups
+    what = f"{scanned.root / 'images'}" + (" (in groups)" if groups else "")
+    sizes = proportional_sizes(len(set(keys)), weights, what)
+    splits = group_blocks(everything, keys, names, sizes)
+    settings = {
+        "channels": channels,
+        "intensity": mode,
+        "split_sizes": [len(split.names) for split in splits.values()],
+        "notes": [
+            f"{len(set(keys))} groups by '{options['groups']}'; no group spans two splits"
+            if groups
+            else "every image is its own group"
+        ],
+    }
     if test == 0:
-        settings["notes"] = ["test_fraction is 0, so there is no test split"]
-    return blocks(everything, names, sizes), settings
+        settings["notes"].append("test_fraction is 0, so there is no test split")
+    return splits, settings
 
 
 def preprocess(settings: dict, images: list[np.ndarray]) -> np.ndarray:
@@ -101,6 +130,11 @@ def preprocess(settings: dict, images: list[np.ndarray]) -> np.ndarray:
             converted = resize_image(converted, (size, size))
         out.append(chw(scale_intensity(converted, settings["intensity"])))
     return stack(out)
+
+
+def _group(pattern: str, stem: str) -> str:
+    found = re.search(pattern, stem)
+    return found.group(1) if found.re.groups else found.group(0)
 
 
 def _read_pair(item: tuple[Path, ...], strict: bool, fix: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,12 @@
 """Lung CT slices (Kaggle "Finding and Measuring Lungs in CT Data", 2-D TIFF part).
 
-Slices are sorted by name; the first floor(0.7 N) are for training (the last 20 % of those,
-from int(0.8 n), validate, as Keras' validation_split does) and the rest for testing. The
-"patient" split applies the same fractions to the sorted patient IDs (ID_XXXX) instead, so no
-patient spans two splits.
+Each slice's group is its patient, parsed from the official names (ID_XXXX_Z_YYYY.tif); a
+slice whose name carries no patient ID is its own group, and the dataset card says so.
+Cross-validation folds never split a group. The "patient" split (default) takes the sorted
+patient IDs: the first floor(0.7 P) are for training (the last 20 % of those, from int(0.8 p),
+validate, as Keras' validation_split does) and the rest for testing, so no patient spans two
+splits. The "sorted" split applies the same fractions to the sorted slices, as published; a
+patient may then span two splits.
 
 Intensities are mapped by what the data looks like (recorded in the settings): negative
 values mean Hounsfield units, clipped to [-512, 512] and min-maxed per slice; 8-bit slices are
@@ -44,8 +47,7 @@ from mapnet_tune.data.imageops import (
 )
 from mapnet_tune.data.io import Role, pair_files, read_all, read_image, require_dir, require_source
 from mapnet_tune.data.options import Option, choice, integer
-from mapnet_tune.data.splits import blocks, require_nonempty
-from mapnet_tune.errors import UserError
+from mapnet_tune.data.splits import group_blocks, require_nonempty
 
 LAYOUT = "2d_images/NAME.tif with 2d_masks/NAME.tif of the same name"
 TRAIN_FRACTION, KERAS_VALIDATION = 0.7, 0.2
@@ -57,7 +59,9 @@ OPTIONS = {
         "direct", choice("direct", "bcdu-outside"), "direct: the lung; bcdu-outside: FOV & ~lung"
     ),
     "size": Option(512, integer(8), "side of the square slices"),
-    "split": Option("sorted", choice("sorted", "patient"), "cut sorted slices or patients"),
+    "split": Option(
+        "patient", choice("patient", "sorted"), "cut whole patients, or sorted slices as published"
+    ),
 }
 
 
@@ -68,25 +72,20 @@ def scan(source: Path | None, options: dict) -> Scan:
         Role(require_dir(root, "2d_images", LAYOUT), "slice", r"(.+)", "{}.tif"),
         Role(require_dir(root, "2d_masks", LAYOUT), "mask", r"(.+)", "{}.tif"),
     ]
-    items = pair_files(roles)
-    if options["split"] == "patient":
-        for image_path, _ in items:
-            if PATIENT.match(image_path.stem) is None:
-                raise UserError(
-                    f"{image_path}: split=patient needs names like ID_0000_Z_0142.tif; "
-                    "rename the files or use split=sorted"
-                )
-    return Scan(root, {"pairs": items})
+    return Scan(root, {"pairs": pair_files(roles)})
 
 
 def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
     """Read, map intensities, build the target and cut train / val / test."""
     items = scanned.groups["pairs"]
-    sizes = _split_sizes([p.stem for p, _ in items], options["split"])
+    stems = [p.stem for p, _ in items]
+    patients = tuple(_patient(stem) for stem in stems)
+    keys = patients if options["split"] == "patient" else stems
+    sizes = _split_sizes(len(set(keys)))
     require_nonempty(
         dict(zip(("train", "val", "test"), sizes, strict=True)),
-        f"lung set {scanned.root} with {len(items)} slices",
-        "add slices (or patients for split=patient)",
+        f"lung set {scanned.root} with {len(items)} slices of {len(set(patients))} patients",
+        "add slices (patients, for split=patient)",
     )
     size = (options["size"], options["size"])
     raw = read_all(lambda item: _read_pair(item, size), items)
@@ -108,11 +107,17 @@ def build(scanned: Scan, options: dict) -> tuple[dict[str, Split], dict]:
         images=stack([chw(image) for image in images]),
         masks=masks,
         fov=None,
-        names=tuple(image_path.stem for image_path, _ in items),
+        names=tuple(stems),
         extras=extras,
+        groups=patients,
     )
-    settings = {"intensity": mode, "split_sizes": list(sizes), "notes": _notes(options, mode)}
-    return blocks(everything, ("train", "val", "test"), sizes), settings
+    splits = group_blocks(everything, keys, ("train", "val", "test"), sizes)
+    settings = {
+        "intensity": mode,
+        "split_sizes": [len(split.names) for split in splits.values()],
+        "notes": _notes(options, mode, stems),
+    }
+    return splits, settings
 
 
 def preprocess(settings: dict, images: list[np.ndarray]) -> np.ndarray:
@@ -157,21 +162,32 @@ def _fov(raw: np.ndarray, scaled: np.ndarray, lung: np.ndarray, mode: str) -> np
     return filled.astype(np.uint8)
 
 
-def _split_sizes(stems: list[str], split: str) -> tuple[int, int, int]:
-    """Train / val / test sizes of the sorted slices, on slice or on patient boundaries."""
-    if split == "sorted":
-        groups = [1] * len(stems)
-    else:
-        patients = [PATIENT.match(stem).group(1) for stem in stems]
-        groups = [patients.count(p) for p in dict.fromkeys(patients)]
-    train_val = math.floor(TRAIN_FRACTION * len(groups))
+def _patient(stem: str) -> str:
+    """The patient ID of a slice name, or the name itself when it carries none."""
+    found = PATIENT.match(stem)
+    return found.group(1) if found else stem
+
+
+def _split_sizes(count: int) -> tuple[int, int, int]:
+    """Train / val / test sizes, in patients or slices, of ``count`` sorted ones."""
+    train_val = math.floor(TRAIN_FRACTION * count)
     train = int(train_val * (1 - KERAS_VALIDATION))
-    cuts = [sum(groups[:train]), sum(groups[train:train_val]), sum(groups[train_val:])]
-    return cuts[0], cuts[1], cuts[2]
+    return train, train_val - train, count - train_val
 
 
-def _notes(options: dict, mode: str) -> list[str]:
-    notes = [f"intensity mapping: {mode}", f"split: {options['split']}"]
+def _notes(options: dict, mode: str, stems: list[str]) -> list[str]:
+    split = {
+        "patient": "split: by patient, so no patient spans two splits",
+        "sorted": "split: sorted slices, as published; a patient may span two splits",
+    }[options["split"]]
+    notes = [f"intensity mapping: {mode}", split]
+    unnamed = sum(PATIENT.match(stem) is None for stem in stems)
+    if unnamed:
+        notes.append(
+            f"{unnamed} of {len(stems)} slice names carry no patient ID (ID_XXXX_...): each "
+            "of those is grouped by itself, so slices of one patient may sit on both sides of "
+            "a cross-validation fold or of train/test"
+        )
     if options["target"] == "bcdu-outside":
         body = "HU > -512" if mode == "hu" else "above the slice's Otsu threshold"
         notes.append(

@@ -8,6 +8,7 @@ same translator as the study files (:func:`mapnet_tune.config.first_problem`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -113,10 +114,20 @@ def _fraction(value: Any) -> float:
     return number
 
 
+def _regex(value: Any) -> str:
+    try:
+        re.compile(str(value))
+    except re.error as exc:
+        raise ValueError(f"must be a regular expression, got {value!r} ({exc})") from None
+    return str(value)
+
+
 #: Parses true/false, yes/no, 1/0, on/off.
 boolean: Parser = Annotated[bool, BeforeValidator(_boolean)]
 #: Parses a number in [0, 1).
 fraction: Parser = Annotated[float, BeforeValidator(_fraction)]
+#: Parses a regular expression (kept as its text).
+regex: Parser = Annotated[str, BeforeValidator(_regex)]
 
 
 def counts(names: tuple[str, ...]) -> Parser:

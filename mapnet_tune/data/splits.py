@@ -70,6 +70,7 @@ def take(split: Split, index: slice | np.ndarray) -> Split:
         patches=patches,
         patch_size=split.patch_size if patches is not None else None,
         extras={k: np.ascontiguousarray(v[index]) for k, v in split.extras.items()},
+        groups=None if split.groups is None else tuple(np.asarray(split.groups, object)[index]),
     )
 
 
@@ -108,6 +109,11 @@ def concat(parts: Sequence[Split]) -> Split:
         patches=patches,
         patch_size=first.patch_size,
         extras={k: np.concatenate([p.extras[k] for p in parts]) for k in first.extras},
+        groups=(
+            None
+            if all(p.groups is None for p in parts)
+            else tuple(g for p in parts for g in p.image_groups)
+        ),
     )
 
 
@@ -118,3 +124,19 @@ def blocks(split: Split, names: Sequence[str], sizes: Sequence[int]) -> dict[str
         name: take(split, slice(int(start), int(stop)))
         for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True)
     }
+
+
+def group_blocks(
+    split: Split, keys: Sequence[str], names: Sequence[str], sizes: Sequence[int]
+) -> dict[str, Split]:
+    """Consecutive blocks of whole groups: ``names[i]`` gets the next ``sizes[i]`` groups.
+
+    ``keys`` holds each image's group; groups come in the order of their first image and the
+    images of a group keep their order, so no group is cut between two blocks.
+    """
+    order = {key: rank for rank, key in enumerate(dict.fromkeys(keys))}
+    index = np.array(sorted(range(len(keys)), key=lambda i: order[keys[i]]), dtype=np.int64)
+    per_group = np.bincount([order[key] for key in keys], minlength=len(order))
+    bounds = np.cumsum([0, *sizes])
+    images = [int(per_group[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return blocks(take(split, index), names, images)

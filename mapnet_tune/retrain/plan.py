@@ -3,28 +3,32 @@ before anything is created in MLflow.
 
 The top trials of a study, each with one or more retrain recipes (the study file's
 ``retrain`` section), are the candidates. With ``folds`` K >= 2 each is cross-validated over
-train + val with scikit-learn's seeded, shuffled ``KFold``; with 0 each trains on train and
-is scored on val. Test enters no decision.
+train + val with scikit-learn's ``GroupKFold`` (groups shuffled by the study's seed, so a
+patient never sits on both sides of a fold); with 0 each trains on train and is scored on val.
+Every candidate validates on the same images, cut the same way: the selection basis that the
+champion gate compares. The test split is sealed (:mod:`mapnet_tune.retrain.sealed`).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import torch
-from sklearn.model_selection import KFold
 
 from mapnet_tune.config import DEFAULT_RECIPE, StudyConfig, check_channels, load_study
-from mapnet_tune.data import PreparedDataset, Split, prepare
+from mapnet_tune.data import PreparedDataset, Split, fingerprint, prepare
 from mapnet_tune.data.splits import concat, take
 from mapnet_tune.errors import UserError
+from mapnet_tune.metrics import TUNABLE_METRICS, MetricAccumulator
 from mapnet_tune.names import model_name
 from mapnet_tune.recipe import Retraining, describe_training, suggest, trial_seed
+from mapnet_tune.retrain.sealed import SealedSplit
+from mapnet_tune.retrain.selection import SelectionBasis, group_folds, protocol_words
 from mapnet_tune.storage import load_existing_study, ranked_trials
 from mapnet_tune.tracking import Tracker
 
@@ -34,7 +38,8 @@ class RetrainRequest:
     """What one ``mapnet-tune retrain-best`` needs.
 
     ``folds`` None takes the study file's ``retrain.folds``; ``recipes`` None takes its
-    default recipe only.
+    default recipe only. ``gate``: when the champion was selected on another basis, ``rerun``
+    cross-validates its candidate again on the current folds, ``refuse`` keeps the champion.
     """
 
     study_name: str | None = None
@@ -47,6 +52,7 @@ class RetrainRequest:
     config: Path | None = None
     source: str | None = None
     device: str | None = None
+    gate: str = "rerun"
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Candidate:
     run_id: str = ""
     validation: dict[str, float] = field(default_factory=dict)
     model: torch.nn.Module | None = None
+    oof: MetricAccumulator | None = None
 
     @property
     def tag(self) -> str:
@@ -77,6 +84,7 @@ class Plan:
     skipped: list[str]
     folds: int
     request: RetrainRequest
+    basis: SelectionBasis | None = None
 
     @property
     def model_name(self) -> str:
@@ -167,6 +175,13 @@ def make_plan(
             f"--recipe {unknown[0]} is not a recipe of {config.path}; its recipes: "
             f"{', '.join(config.retrain.recipes)} (add variants under retrain.variants)"
         )
+    metric = config.objective.metric.split("/", 1)[1]
+    if config.retrain.threshold == "tune" and metric not in TUNABLE_METRICS:
+        raise UserError(
+            f"retrain.threshold: tune in {config.path} needs an objective that depends on the "
+            f"threshold ({', '.join(TUNABLE_METRICS)}), not {config.objective.metric}; "
+            f"set a number such as 0.5"
+        )
     plan = Plan(study, config, [], skipped, fold_count(req, config), req)
     for name in dict.fromkeys(names):
         recipe = config.retrain.recipes[name]
@@ -180,18 +195,73 @@ def make_plan(
                 f"{where}.dataset_options over them)"
             ) from None
         check_channels(config, data.channels)
+        data = sealed(data)
         for trial in trials:
             params = suggest(optuna.trial.FixedTrial(trial.params), config)
             retraining = Retraining(
                 config, name, recipe, params, trial_seed(config.sampler.seed, trial.number)
             )
             plan.candidates.append(Candidate(trial, retraining, data))
+    plan.basis = _basis(plan)
     for cand in plan.candidates:
-        _check(plan, cand)
+        check_candidate(plan, cand)
     return plan
 
 
-def _check(plan: Plan, cand: Candidate) -> None:
+def sealed(data: PreparedDataset) -> PreparedDataset:
+    """The same data with its test split (if any) sealed until registration returns."""
+    if "test" not in data.splits:
+        return data
+    return replace(data, splits={**data.splits, "test": SealedSplit(data.splits["test"])})
+
+
+def _basis(plan: Plan) -> SelectionBasis:
+    """The selection basis every candidate shares.
+
+    Raises:
+        UserError: Recipes whose dataset options change which images validate, or more folds
+            than groups.
+    """
+    config, first = plan.config, plan.candidates[0]
+    merged = train_and_val(first.data)
+    for cand in plan.candidates[1:]:
+        other = cand.data.splits
+        if (other["train"].names, other["val"].names) != (
+            first.data.splits["train"].names,
+            first.data.splits["val"].names,
+        ):
+            raise UserError(
+                f"recipes '{first.retraining.name}' and '{cand.retraining.name}' of "
+                f"{config.path} validate on different images (their dataset_options change the "
+                f"split), so they cannot compete; pass them to --recipe in separate commands"
+            )
+    if plan.folds:
+        groups = len(set(merged.image_groups))
+        if not 2 <= plan.folds <= groups:
+            raise UserError(
+                f"--folds {plan.folds} needs between 2 and {groups} folds: train + val has "
+                f"{groups} groups in {len(merged.names)} images (--folds 0 decides on the val "
+                f"split)"
+            )
+        cut = group_folds(merged, plan.folds, config.sampler.seed)
+        folds = tuple(tuple(sorted(merged.names[i] for i in held)) for _, held in cut)
+    else:
+        folds = (tuple(sorted(first.data.splits["val"].names)),)
+    options = dict(config.dataset.options)
+    source = plan.request.source or config.dataset.source
+    return SelectionBasis(
+        dataset=config.dataset.name,
+        fingerprint=fingerprint(config.dataset.name, source, options),
+        options=options,
+        pool=tuple(sorted(merged.names)),
+        folds=folds,
+        seed=config.sampler.seed if plan.folds else None,
+        metric=plan.selection,
+        protocol=protocol_words(plan.folds),
+    )
+
+
+def check_candidate(plan: Plan, cand: Candidate) -> None:
     """The candidate's recipe fits its data: crops exist, folds fit, batches fit."""
     data, rt = cand.data, cand.retraining
     try:
@@ -201,12 +271,6 @@ def _check(plan: Plan, cand: Candidate) -> None:
     trainings = [final]
     if plan.folds:
         merged = train_and_val(data)
-        count = len(merged.images)
-        if not 2 <= plan.folds <= count:
-            raise UserError(
-                f"--folds {plan.folds} needs between 2 and {count} folds: train + val has "
-                f"{count} images (--folds 0 decides on the val split)"
-            )
         trainings += [rt.training_view(take(merged, rest)) for rest, _ in kfold(plan, merged)]
     fewest = min(_samples(split) for split in trainings)
     if rt.batch_size > fewest:
@@ -229,9 +293,15 @@ def final_train(plan: Plan, data: PreparedDataset) -> Split:
 
 
 def kfold(plan: Plan, merged: Split) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(training images, held-out images) per fold: seeded, shuffled, the same for everyone."""
-    kfold = KFold(n_splits=plan.folds, shuffle=True, random_state=plan.config.sampler.seed)
-    return list(kfold.split(np.arange(len(merged.images))))
+    """(training images, held-out images) per fold of the plan's basis, by image name: the
+    same images for every candidate and for a champion re-run on this pool."""
+    position = {name: index for index, name in enumerate(merged.names)}
+    everything = np.arange(len(merged.names))
+    out = []
+    for names in plan.basis.folds:
+        held = np.array(sorted(position[name] for name in names), dtype=np.int64)
+        out.append((np.setdiff1d(everything, held), held))
+    return out
 
 
 def _samples(split: Split) -> int:

@@ -1,7 +1,10 @@
 """retrain-best, last step: log and register a model, and the champion gate.
 
-The newest registered version becomes the ``challenger``; the ``champion`` alias moves only
-to a version with a better validation value (read from the version's tags). A version whose
+The newest registered version becomes the ``challenger``. The ``champion`` alias moves only
+to a version that beats the champion on the same selection basis (see
+:mod:`mapnet_tune.retrain.selection`): with folds by more than the standard error of the paired
+per-fold differences, with the val split by a better value. A champion selected on another
+basis is compared through its re-run candidate, or not at all (:mod:`.rival`). A version whose
 tags or aliases could not be set is deleted again, so the registry never holds half a model.
 """
 
@@ -14,26 +17,27 @@ from pathlib import Path
 
 from mapnet_tune import engine
 from mapnet_tune.data import raw_example
-from mapnet_tune.modelcard import ModelCard, tagged_metrics
+from mapnet_tune.modelcard import DIGEST_TAG, ModelCard, tagged_metrics
 from mapnet_tune.names import CHALLENGER, CHAMPION, MODEL_FORMAT_TAG, SERVABLE_FORMAT
 from mapnet_tune.predictor import save_folder
 from mapnet_tune.recipe import describe_training
 from mapnet_tune.retrain.plan import Candidate, Plan, final_train
+from mapnet_tune.retrain.rival import Rival
+from mapnet_tune.retrain.selection import Standing, paired_margin, training_digest
 from mapnet_tune.serving import served_code
 from mapnet_tune.tracking import ModelVersionInfo, Tracker, git_sha
 
 
 def register(
-    tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard
+    tracker: Tracker, plan: Plan, cand: Candidate, card: ModelCard, rival: Rival | None = None
 ) -> tuple[str, str, str]:
     """Log the servable model, register a version, set the aliases.
 
     The logged model is linked to the run's metrics at the step that holds the numbers that
     chose it (the CV summary after the last epoch, or the last epoch's validation, counted
-    from 0), so its page in MLflow shows them.
-
-    The champion gate reads validation values only. A version whose tags or aliases could
-    not be set is deleted again.
+    from 0), so its page in MLflow shows them. The champion gate reads validation values only
+    (``rival``: the champion re-run on the current folds, or why it was not). A version whose
+    tags or aliases could not be set is deleted again.
 
     Returns:
         (version, the gate's decision in words, the logged model's id).
@@ -59,9 +63,7 @@ def register(
         )
         tracker.set_alias(plan.model_name, CHALLENGER, version)
         champion = tracker.version_by_alias(plan.model_name, CHAMPION)
-        moves, decision = decide_champion(
-            version, card.selection_value, champion, plan.selection, plan.maximize
-        )
+        moves, decision = gate(plan, standing(version, card), champion, rival)
         if moves:
             tracker.set_alias(plan.model_name, CHAMPION, version)
         tracker.set_model_description(plan.model_name, model_description(plan, version, decision))
@@ -90,7 +92,9 @@ def model_description(plan: Plan, newest: str, decision: str) -> str:
             "",
             f"- `@{CHALLENGER}` is the newest version ({newest}); `@{CHAMPION}` moves to a "
             f"version only when its `{plan.selection}` (validation, never test) beats the "
-            f"champion's. Last decision: {decision}.",
+            f"champion's on the same selection digest (with folds, by more than the standard "
+            f"error of the paired per-fold differences); a champion selected on another "
+            f"digest is re-run on the current folds first. Last decision: {decision}.",
             f"- Use the champion: `{predict_command(plan, '@' + CHAMPION)}`",
             f"- Score it: `mapnet-tune evaluate --model models:/{plan.model_name}@{CHAMPION} "
             f"--dataset {dataset} --split test`",
@@ -98,42 +102,88 @@ def model_description(plan: Plan, newest: str, decision: str) -> str:
     )
 
 
+def standing(version: str, card: ModelCard) -> Standing:
+    """A new version's selection value and per-fold values, from its card."""
+    metrics = {**card.validation, card.selection_metric: card.selection_value}
+    return Standing.read(version, metrics, card.selection_metric, card.folds)
+
+
+def gate(
+    plan: Plan, new: Standing, champion: ModelVersionInfo | None, rival: Rival | None
+) -> tuple[bool, str]:
+    """Whether the champion alias moves to ``new``, and why: like is compared with like."""
+    if champion is None or champion.tags.get(DIGEST_TAG) == plan.basis.digest():
+        held = None
+        if champion is not None:
+            tagged = tagged_metrics(champion.tags)
+            held = Standing.read(champion.version, tagged, plan.selection, plan.folds)
+        return decide_champion(new, held, plan.selection, plan.maximize)
+    if rival is not None and rival.version == champion.version and rival.standing is not None:
+        moves, why = decide_champion(new, rival.standing, plan.selection, plan.maximize)
+        return moves, (
+            f"{rival.mismatch()}: its candidate {rival.candidate.tag} was re-run on the current "
+            f"folds as one more candidate; {why}"
+        )
+    mismatch = rival.mismatch() if rival is not None else "the selection digest differs"
+    refused = rival.refused if rival is not None else "its candidate was not re-run"
+    return False, (
+        f"champion stays version {champion.version}, not compared: {mismatch} and {refused}"
+    )
+
+
 def decide_champion(
-    version: str, value: float, champion: ModelVersionInfo | None, metric: str, maximize: bool
+    new: Standing, held: Standing | None, metric: str, maximize: bool
 ) -> tuple[bool, str]:
     """Whether the champion alias moves to a new version, and why, in words.
 
-    The champion's value is read from its ``metric.<name>`` tag. Ties keep the champion.
+    With per-fold values on both sides (the same folds), the new version wins only when the
+    mean paired difference exceeds its standard error; otherwise a tie within CV noise keeps
+    the champion. Without folds (the val split) the better value wins; ties keep the champion.
 
     Args:
-        version: The new version.
-        value: Its selection metric (a validation value).
-        champion: The current champion, if any.
+        new: The new version's numbers.
+        held: The champion's numbers on the same basis, if there is a champion.
         metric: The selection metric, e.g. ``cv/val/iou_mean``.
         maximize: Whether larger is better.
 
     Returns:
         (moves, e.g. "champion moves to version 3 (val/iou 0.8123 > 0.8011 of version 2)").
     """
-    moves, stays = f"champion moves to version {version}", "champion stays version"
-    if champion is None:
-        return True, f"{moves} (the first champion; {metric} {value:.4f})"
-    if not math.isfinite(value):
-        return False, f"{stays} {champion.version} (version {version} has no finite {metric})"
-    held = tagged_metrics(champion.tags).get(metric, math.nan)
-    if not math.isfinite(held):
-        return True, (
-            f"{moves} (version {champion.version} has no {metric} to compare; "
-            f"version {version} has {value:.4f})"
+    moves, stays = f"champion moves to version {new.version}", "champion stays version"
+    if held is None:
+        return True, f"{moves} (the first champion; {metric} {new.value:.4f})"
+    if not math.isfinite(new.value):
+        return False, f"{stays} {held.version} (version {new.version} has no finite {metric})"
+    if not math.isfinite(held.value):
+        return False, (
+            f"{stays} {held.version} (it has no {metric} to compare with on this selection "
+            f"basis; set the champion alias by hand if version {new.version} should take it)"
         )
-    if value > held if maximize else value < held:
+    if len(new.folds) > 1 and len(new.folds) == len(held.folds):
+        diff, se = paired_margin(new, held, maximize)
+        per_fold = metric.removeprefix("cv/").removesuffix("_mean")
+        numbers = (
+            f"paired {per_fold} difference {diff:+.4f}, standard error {se:.4f} over "
+            f"{len(new.folds)} folds; means {new.value:.4f} and {held.value:.4f} of version "
+            f"{held.version}"
+        )
+        if diff > se:
+            return True, f"{moves} ({numbers})"
+        if diff >= -se:
+            return False, f"tie within CV noise: champion stays version {held.version} ({numbers})"
+        return False, f"{stays} {held.version} (version {new.version} is worse: {numbers})"
+    better = new.value > held.value if maximize else new.value < held.value
+    rule = "by the val-split rule: no folds to measure noise, the better value wins"
+    if better:
         sign = ">" if maximize else "<"
         return True, (
-            f"{moves} ({metric} {value:.4f} {sign} {held:.4f} of version {champion.version})"
+            f"{moves} ({metric} {new.value:.4f} {sign} {held.value:.4f} of version "
+            f"{held.version}) {rule}"
         )
     sign = ">=" if maximize else "<="
     return False, (
-        f"{stays} {champion.version} ({metric} {held:.4f} {sign} {value:.4f} of version {version})"
+        f"{stays} {held.version} ({metric} {held.value:.4f} {sign} {new.value:.4f} of version "
+        f"{new.version}) {rule}"
     )
 
 
@@ -166,8 +216,12 @@ def requirements() -> list[str]:
     return pins
 
 
-def make_card(plan: Plan, cand: Candidate) -> ModelCard:
-    """The model card of a candidate about to be registered (its test score comes later)."""
+def make_card(plan: Plan, cand: Candidate, threshold: float, rule: str) -> ModelCard:
+    """The model card of a candidate about to be registered (its test score comes later).
+
+    Args:
+        threshold: Its probability threshold; ``rule`` says how it was chosen.
+    """
     rt = cand.retraining
     train = rt.training_view(final_train(plan, cand.data))
     return ModelCard(
@@ -184,10 +238,16 @@ def make_card(plan: Plan, cand: Candidate) -> ModelCard:
         training=describe_training(train),
         trained_on="train+val" if plan.folds else "train",
         weights=rt.weights,
-        evaluation=rt.evaluation(train),
+        evaluation=rt.served_evaluation(train, threshold),
         selection_metric=plan.selection,
         selection_value=cand.validation.get(plan.selection, math.nan),
         validation={k: v for k, v in cand.validation.items() if math.isfinite(v)},
         folds=plan.folds,
         git_sha=git_sha(),
+        seed=rt.seed,
+        recipe_settings=rt.recipe.model_dump(mode="json"),
+        training_digest=training_digest(plan.config),
+        selection_digest=plan.basis.digest(),
+        selection_basis=plan.basis.parts(),
+        threshold_rule=rule,
     )

@@ -48,6 +48,9 @@ from mapnet_tune.retrain.plan import (
     train_and_val,
 )
 from mapnet_tune.retrain.register import make_card, predict_command, register
+from mapnet_tune.retrain.rival import Rival, find_rival
+from mapnet_tune.retrain.selection import Standing, choose_threshold, fold_key
+from mapnet_tune.retrain.tables import registered_table, test_key, validation_table
 from mapnet_tune.tracking import Tracker, git_sha
 
 
@@ -76,8 +79,7 @@ def retrain_best(req: RetrainRequest) -> str:
     for line in lines:
         say(line)
     lines += Runner(plan, tracker).run()
-    champion = f"models:/{plan.model_name}@{CHAMPION}"
-    lines += ["", *tracker.serve_commands(champion)]
+    lines += ["", *tracker.serve_commands(f"models:/{plan.model_name}@{CHAMPION}")]
     lines += ["", tracker.browse(plan.study.study_name)]
     return "\n".join(lines)
 
@@ -160,28 +162,10 @@ class Runner:
     def _run_candidates(self) -> list[str]:
         plan = self.plan
         for cand in plan.candidates:
-            cand.run_id = self._start(
-                f"{plan.config.dataset.name}-retrain-{cand.tag}",
-                {
-                    **self._tags("retrain-trial", cand),
-                    SEARCH_RUN_TAG: cand.trial.user_attrs.get(RUN_ID_ATTR, ""),
-                },
-                self.parent,
-                cand.data,
-            )
-            self.tracker.log_params(
-                cand.run_id,
-                {
-                    **params_for_log(cand.retraining.params),
-                    **recipe_params(plan, cand, self.device),
-                },
-            )
+            self._open(cand, "retrain-trial", f"{plan.config.dataset.name}-retrain-{cand.tag}")
         for cand in plan.candidates:
-            if plan.folds:
-                self._cross_validate(cand)
-            else:
-                self._validate_on_val(cand)
-        lines = [self._validation_table()]
+            self._validate(cand)
+        lines = [validation_table(plan, plan.candidates)]
         chosen = plan.candidates
         if plan.folds:
             chosen = [_best(plan.candidates, plan.selection, plan.maximize)]
@@ -192,15 +176,69 @@ class Runner:
                         cand.run_id,
                         f"not registered: {chosen[0].tag} has the best {plan.selection}",
                     )
+        rival = self._rival(lines)
         rows = []
         for cand in chosen:
-            version, decision, card = self._final(cand)
+            version, decision, card = self._final(cand, rival)
             self._finish(cand.run_id)
             lines.append(
                 f"{cand.tag} registered as {plan.model_name} version {version}: {decision}"
             )
             rows.append((cand, version, card))
-        return [*lines, "", self._table(rows)]
+        aliases = {v.version: v.aliases for v in self.tracker.versions(plan.model_name)}
+        return [*lines, "", registered_table(plan, rows, aliases)]
+
+    def _open(self, cand: Candidate, role: str, name: str) -> None:
+        """The candidate's run, with its parameters and the recipe in full."""
+        cand.run_id = self._start(
+            name,
+            {**self._tags(role, cand), SEARCH_RUN_TAG: cand.trial.user_attrs.get(RUN_ID_ATTR, "")},
+            self.parent,
+            cand.data,
+        )
+        self.tracker.log_params(
+            cand.run_id,
+            {
+                **params_for_log(cand.retraining.params),
+                **recipe_params(self.plan, cand, self.device),
+            },
+        )
+
+    def _validate(self, cand: Candidate) -> None:
+        if self.plan.folds:
+            self._cross_validate(cand)
+        else:
+            self._validate_on_val(cand)
+
+    def _rival(self, lines: list[str]) -> Rival | None:
+        """A champion selected on another basis, re-run on the current folds unless refused."""
+        plan = self.plan
+        rival = find_rival(plan, self.tracker)
+        if rival is None:
+            return None
+        if rival.candidate is None:
+            lines.append(f"gate: {rival.mismatch()}; {rival.refused}: it is not compared")
+            say(lines[-1])
+            return rival
+        cand = rival.candidate
+        lines.append(
+            f"gate: {rival.mismatch()}; re-running its candidate {cand.tag} on the current "
+            f"folds as one more candidate (it is not registered again)"
+        )
+        say(lines[-1])
+        self._open(
+            cand,
+            "retrain-champion",
+            f"{plan.config.dataset.name}-retrain-{cand.tag}-champion-v{rival.version}",
+        )
+        self._validate(cand)
+        self._finish(
+            cand.run_id,
+            f"version {rival.version} (the champion) re-run on the current folds; not registered",
+        )
+        rival.standing = Standing.read(rival.version, cand.validation, plan.selection, plan.folds)
+        lines.append(validation_table(plan, [cand]) + f" (champion version {rival.version})")
+        return rival
 
     def _train(
         self, cand: Candidate, train: Split, val: Split | None, run_id: str, label: str
@@ -227,8 +265,7 @@ class Runner:
             say(f"{label} epoch {epoch + 1}/{settings.epochs} loss {loss:.4f}{shown}")
 
         # GPU and CPU memory and utilisation beside the curves, as a trial's run has them.
-        monitor = self.tracker.system_metrics(run_id) if self.device.type == "cuda" else None
-        try:
+        with self.tracker.system_metrics(run_id, enabled=self.device.type == "cuda"):
             result = engine.fit(
                 model,
                 train,
@@ -238,19 +275,21 @@ class Runner:
                 on_epoch=on_epoch,
                 device=self.device,
             )
-        finally:
-            if monitor is not None:
-                monitor.finish()
         # The last epoch is always validated: its numbers are those of the weights kept.
         final = result.history[-1] if result.history else {}
         return model, {k: v for k, v in final.items() if k.startswith("val/")}
 
     def _cross_validate(self, cand: Candidate) -> None:
-        """Train on all folds but one with the recipe, score the one left out; log each."""
+        """Train on all folds but one with the recipe, score the one left out; log each.
+
+        With ``retrain.threshold: tune`` the held-out probabilities are pooled into
+        ``cand.oof``, to choose the threshold on data no fold model trained on.
+        """
         plan = self.plan
         merged = train_and_val(cand.data)
         scores: list[dict[str, float]] = []
         folds = kfold(plan, merged)
+        cand.oof = MetricAccumulator() if plan.config.retrain.threshold == "tune" else None
         for index, (rest, held) in enumerate(folds):
             run_id = self._start(
                 f"{plan.config.dataset.name}-retrain-{cand.tag}-fold{index + 1}",
@@ -260,21 +299,26 @@ class Runner:
             )
             self.tracker.log_params(run_id, {"held_out": ",".join(merged.names[i] for i in held)})
             held_out = take(merged, held)
-            _, metrics = self._train(
+            model, metrics = self._train(
                 cand,
                 take(merged, rest),
                 held_out,
                 run_id,
                 f"{cand.tag} fold {index + 1}/{len(folds)}",
             )
+            if cand.oof is not None:
+                self._score(cand, model, held_out, cand.oof)
             self._finish(run_id)
             scores.append(metrics)
-        for key in scores[0]:
-            values = np.array([s[key] for s in scores], dtype=float)
-            cand.validation[f"cv/{key}_mean"] = float(np.mean(values))
-            cand.validation[f"cv/{key}_std"] = float(np.std(values))
-        self.tracker.log_metrics(cand.run_id, cand.validation, step=cand.retraining.recipe.epochs)
         key = plan.config.objective.metric
+        for name in scores[0]:
+            values = np.array([s[name] for s in scores], dtype=float)
+            cand.validation[f"cv/{name}_mean"] = float(np.mean(values))
+            cand.validation[f"cv/{name}_std"] = float(np.std(values))
+        # The per-fold values of the selection metric: the gate pairs them fold by fold.
+        for index, fold in enumerate(scores):
+            cand.validation[fold_key(plan.selection, index + 1)] = fold[key]
+        self.tracker.log_metrics(cand.run_id, cand.validation, step=cand.retraining.recipe.epochs)
         say(
             f"{cand.tag} {len(scores)}-fold {key} {cand.validation[f'cv/{key}_mean']:.4f} "
             f"+- {cand.validation[f'cv/{key}_std']:.4f}"
@@ -286,54 +330,45 @@ class Runner:
         cand.model, cand.validation = self._train(
             cand, cand.data.splits["train"], val, cand.run_id, cand.tag
         )
+        if self.plan.config.retrain.threshold == "tune":
+            cand.oof = MetricAccumulator()
+            self._score(cand, cand.model, val, cand.oof)
         say(f"{cand.tag} {self.plan.selection} {cand.validation[self.plan.selection]:.4f}")
 
     def _score(
-        self,
-        cand: Candidate,
-        model: torch.nn.Module,
-        split: Split,
-        prefix: str,
-        accumulator: MetricAccumulator | None = None,
-    ) -> dict[str, float]:
-        """The recipe's evaluation of ``split``, with the published legacy columns."""
+        self, cand: Candidate, model: torch.nn.Module, split: Split, accumulator: MetricAccumulator
+    ) -> None:
+        """Add the recipe's validation-time predictions of ``split`` to ``accumulator``."""
         rt = cand.retraining
         evaluation = rt.evaluation(rt.training_view(cand.data.splits["train"]))
-        return engine.evaluate(
-            model,
-            split,
-            evaluation,
-            prefix,
-            device=self.device,
-            legacy=True,
-            accumulator=accumulator,
-        )
+        engine.evaluate(model, split, evaluation, device=self.device, accumulator=accumulator)
 
-    def _validation_table(self) -> str:
-        plan = self.plan
-        std = plan.selection.removesuffix("_mean") + "_std"
-        rows = []
-        for c in plan.candidates:
-            value = c.validation.get(plan.selection, math.nan)
-            spread = f" +- {c.validation[std]:.4f}" if std in c.validation else ""
-            rows.append(f"{c.tag}: {plan.selection} {value:.4f}{spread}")
-        return "\n".join(rows)
-
-    def _final(self, cand: Candidate) -> tuple[str, str, ModelCard]:
+    def _final(self, cand: Candidate, rival: Rival | None) -> tuple[str, str, ModelCard]:
         """The registered model: trained (after CV), registered, gated, then scored on test."""
         plan = self.plan
         if cand.model is None:
             cand.model, _ = self._train(
                 cand, final_train(plan, cand.data), None, cand.run_id, f"{cand.tag} final"
             )
-        card = make_card(plan, cand)
-        version, decision, model_id = register(self.tracker, plan, cand, card)
+        threshold, rule = choose_threshold(plan.config, plan.folds, cand.oof)
+        say(f"{cand.tag} threshold {threshold:g}: {rule}")
+        card = make_card(plan, cand, threshold, rule)
+        version, decision, model_id = register(self.tracker, plan, cand, card, rival)
         say(decision)
-        test = cand.data.splits.get("test")
-        if test is not None:
+        sealed = cand.data.splits.get("test")
+        if sealed is not None:
             # After every decision: the one look at test, stored with the version.
+            test = sealed.release()
             accumulator = MetricAccumulator(card.evaluation.threshold)
-            metrics = self._score(cand, cand.model, test, "test", accumulator)
+            metrics = engine.evaluate(
+                cand.model,
+                test,
+                card.evaluation,
+                "test",
+                device=self.device,
+                legacy=True,
+                accumulator=accumulator,
+            )
             card = card.with_test(metrics)
             self.tracker.log_metrics(
                 cand.run_id, metrics, step=cand.retraining.recipe.epochs, model_id=model_id
@@ -343,51 +378,20 @@ class Runner:
             self.tracker.set_version_description(
                 plan.model_name, version, card.markdown(predict_command(plan, version))
             )
-            key = _test_key(plan)
-            say(f"{cand.tag} {key} {metrics.get(key, math.nan):.4f} (scored once, decides nothing)")
+            key = test_key(plan)
+            say(
+                f"{cand.tag} {key} {metrics.get(key, math.nan):.4f} with "
+                f"{card.evaluation.describe()}, threshold {threshold:g} (scored once, decides "
+                f"nothing)"
+            )
         return version, decision, card
 
     def _log_roc(
         self, run_id: str, accumulator: MetricAccumulator, metrics: dict[str, float], split: str
     ) -> None:
         fpr, tpr = accumulator.roc()
-        payload = {
-            "split": split,
-            "auc": metrics[f"{split}/auc"],
-            "fpr": fpr.tolist(),
-            "tpr": tpr.tolist(),
-        }
-        self.tracker.log_text(run_id, json.dumps(payload), ROC_ARTIFACT)
-
-    def _table(self, rows: list[tuple[Candidate, str, ModelCard]]) -> str:
-        plan = self.plan
-        aliases = {v.version: v.aliases for v in self.tracker.versions(plan.model_name)}
-        test_key = _test_key(plan)
-        head = [
-            "trial",
-            "recipe",
-            "search " + plan.config.objective.metric,
-            plan.selection,
-            f"{test_key} (once, after the decision)",
-            "version",
-            "aliases",
-            "mlflow run",
-        ]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for cand, version, card in rows:
-            test = f"{card.test[test_key]:.4f}" if test_key in card.test else "-"
-            lines.append(
-                f"| t{cand.trial.number:04d} | {card.recipe} | {cand.trial.value:.4f} | "
-                f"{card.selection_value:.4f} | {test} | {version} | "
-                f"{', '.join(aliases.get(version, ())) or '-'} | {cand.run_id} |"
-            )
-        trained = "; ".join(sorted({f"{card.recipe}: {card.training}" for _, _, card in rows}))
-        return f"{plan.model_name} ({trained}):\n" + "\n".join(lines)
-
-
-def _test_key(plan: Plan) -> str:
-    """The objective on the test split: ``test/iou``."""
-    return "test/" + plan.config.objective.metric.split("/", 1)[1]
+        roc = {"split": split, "auc": metrics[f"{split}/auc"], "fpr": fpr.tolist()}
+        self.tracker.log_text(run_id, json.dumps({**roc, "tpr": tpr.tolist()}), ROC_ARTIFACT)
 
 
 def _best(cands: list[Candidate], key: str, maximize: bool) -> Candidate:

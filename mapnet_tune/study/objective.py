@@ -183,10 +183,10 @@ class Objective:
                 "device": str(self.device),
             },
         )
-        monitor = self.tracker.system_metrics(run_id) if self.device.type == "cuda" else None
         summary = Summary()
         try:
-            value = self._train(trial, params, seed, run_id, summary)
+            with self.tracker.system_metrics(run_id, enabled=self.device.type == "cuda"):
+                value = self._train(trial, params, seed, run_id, summary)
         except optuna.TrialPruned as exc:
             summary.log(self.tracker, run_id)
             self.tracker.end_run(run_id, "KILLED", str(exc))
@@ -202,9 +202,6 @@ class Objective:
             self.tracker.end_run(run_id, "FAILED", reason)
             self.progress.line(f"{trial_tag(trial.number)} FAILED: {reason}")
             raise
-        finally:
-            if monitor is not None:
-                monitor.finish()
         self.tracker.end_run(run_id, "FINISHED")
         return value
 

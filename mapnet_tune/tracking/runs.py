@@ -315,18 +315,27 @@ class RunTracker:
             self.client.set_tag(run_id, "mapnet_tune.end_reason", reason[:5000])
         self.client.set_terminated(run_id, status=RunStatus.to_string(getattr(RunStatus, status)))
 
-    def system_metrics(self, run_id: str):
-        """A started monitor that logs GPU/CPU utilisation to the run; call ``.finish()``.
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, enabled: bool = True) -> Iterator[None]:
+        """Log GPU and CPU utilisation and memory to the run while a block runs.
 
-        Returns None when the monitor cannot run (no psutil/pynvml).
+        Nothing is logged when not ``enabled`` or when the monitor cannot run (no psutil or
+        pynvml).
         """
+        monitor = None
+        if enabled:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            except ImportError:
+                pass
+            else:
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=self.uri)
+                monitor.start()
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        except ImportError:
-            return None
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=self.uri)
-        monitor.start()
-        return monitor
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
 
     def serve_ui(self, host: str, port: int) -> NoReturn:
         """Become the MLflow UI on this store (the process is replaced, so that Ctrl-C or a
