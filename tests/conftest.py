@@ -234,13 +234,8 @@ def write_checkpoint(path: Path, model, data, **card) -> Path:
 REGISTERED_STUDY = "tiny"
 
 
-@pytest.fixture(scope="session")
-def registered_root(tmp_path_factory):
-    """A folder where the tiny study was searched (3 trials) and its top 2 retrained.
-
-    Tests must not change it: use ``registry`` for a private copy of the stores.
-    """
-    root = tmp_path_factory.mktemp("registered")
+def _search_and_retrain(root: Path, *retrain: object) -> Path:
+    """Search the tiny study (3 trials) in ``root``, then ``retrain-best`` it with ``retrain``."""
     runner = CliRunner()
     with pytest.MonkeyPatch.context() as patch:
         _isolate(patch, root, root / "cache")
@@ -248,11 +243,20 @@ def registered_root(tmp_path_factory):
         study = write_study(root / "tiny.yaml")
         for args in (
             ("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
-            ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 2),
+            ("retrain-best", "--study", REGISTERED_STUDY, *retrain),
         ):
             result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
             assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="session")
+def registered_root(tmp_path_factory):
+    """A folder where the tiny study was searched (3 trials) and its top 2 retrained.
+
+    Tests must not change it: use ``registry`` for a private copy of the stores.
+    """
+    return _search_and_retrain(tmp_path_factory.mktemp("registered"), "--top-k", 2)
 
 
 @pytest.fixture(scope="session")
@@ -260,19 +264,7 @@ def folds_root(tmp_path_factory):
     """A folder where the tiny study was searched (3 trials) and its best trial registered by
     2-fold cross-validation: a champion with per-fold values that a later retrain compares
     with on the same selection digest. Tests must not change it; copy its databases."""
-    root = tmp_path_factory.mktemp("folds")
-    runner = CliRunner()
-    with pytest.MonkeyPatch.context() as patch:
-        _isolate(patch, root, root / "cache")
-        _own_tracking_store(patch, root)
-        study = write_study(root / "tiny.yaml")
-        for args in (
-            ("search", "--config", study, "--trials", 3, "--study", REGISTERED_STUDY),
-            ("retrain-best", "--study", REGISTERED_STUDY, "--top-k", 1, "--folds", 2),
-        ):
-            result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-    return root
+    return _search_and_retrain(tmp_path_factory.mktemp("folds"), "--top-k", 1, "--folds", 2)
 
 
 @pytest.fixture
