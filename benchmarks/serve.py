@@ -215,7 +215,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], width: float, repeats:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     machine = gpu or f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
     lines = [
-        f"### Serving latency, {datetime.date.today().isoformat()}",
+        f"## Serving latency: {machine}, {datetime.date.today().isoformat()}",
         "",
         f"`benchmarks/serve.py --width {width:g} --repeats {repeats}` on {machine}, "
         f"torch {torch.__version__}: a MAP-Net of width {width:g} for 3-channel 8-bit images, "
