@@ -200,6 +200,14 @@ def write_folder(root: Path, count: int = 10, size=(20, 24), colour: bool = True
     return root
 
 
+def rename_cases(root: Path, rename: Callable[[str, int], str]) -> None:
+    """Rename each case's image and mask in a :func:`write_folder` tree to
+    ``rename(stem, case number)``, e.g. to put a patient in the name."""
+    for folder in ("images", "masks"):
+        for path in (root / folder).iterdir():
+            path.rename(path.with_name(rename(path.stem, int(path.stem.removeprefix("case")))))
+
+
 def write_checkpoint(path: Path, model, data, **card) -> Path:
     """Save ``model`` as a checkpoint for the prepared dataset ``data``, scored on whole images.
 

@@ -21,7 +21,14 @@ from mapnet_tune.data import (
 from mapnet_tune.data.splits import proportional_sizes
 from mapnet_tune.data.synthetic import vessel_image
 from mapnet_tune.errors import UserError
-from tests.conftest import save_image, write_drive, write_folder, write_isic, write_lung
+from tests.conftest import (
+    rename_cases,
+    save_image,
+    write_drive,
+    write_folder,
+    write_isic,
+    write_lung,
+)
 
 
 def test_registry_names():
@@ -192,10 +199,7 @@ def test_folder_splits_channels_and_sizes(tmp_path):
 def test_folder_groups_regex_keeps_each_group_in_one_split(tmp_path):
     root = write_folder(tmp_path / "own", count=10)
     # Patient = case number // 3, written as a suffix, so groups are not contiguous by name.
-    for folder in ("images", "masks"):
-        for path in (root / folder).iterdir():
-            number = int(path.stem.removeprefix("case"))
-            path.rename(path.with_name(f"{path.stem}_p{number % 3}.png"))
+    rename_cases(root, lambda stem, number: f"{stem}_p{number % 3}.png")
     options = {"val_fraction": 0.3, "test_fraction": 0.3, "groups": r"_(p\d)$"}
     data = prepare("folder", root, options, cache_dir=tmp_path / "cache")
     groups = {k: set(s.groups) for k, s in data.splits.items()}

@@ -17,7 +17,14 @@ from mapnet_tune.retrain.plan import kfold, make_plan, train_and_val
 from mapnet_tune.retrain.sealed import EarlyTestReadError, SealedSplit
 from mapnet_tune.retrain.selection import group_folds
 from mapnet_tune.tracking import Tracker
-from tests.conftest import REGISTERED_STUDY, TINY_STUDY, write_folder, write_lung, write_study
+from tests.conftest import (
+    REGISTERED_STUDY,
+    TINY_STUDY,
+    rename_cases,
+    write_folder,
+    write_lung,
+    write_study,
+)
 
 MODEL = "mapnet-synthetic"
 
@@ -88,10 +95,7 @@ def test_retrain_folds_hold_out_whole_patients(tmp_path, monkeypatch):
 
 def test_folder_groups_are_kept_together_by_the_folds(tmp_path):
     root = write_folder(tmp_path / "own", count=12)
-    for folder in ("images", "masks"):
-        for path in (root / folder).iterdir():
-            number = int(path.stem.removeprefix("case"))
-            path.rename(path.with_name(f"p{number % 4}_{path.name}"))
+    rename_cases(root, lambda stem, number: f"p{number % 4}_{stem}.png")
     data = prepare(
         "folder", root, {"groups": "^(p\\d)_", "val_fraction": 0.25}, cache_dir=tmp_path / "c"
     )

@@ -148,7 +148,6 @@ def _sliding_window(
         for left in range(0, pw - window + 1, stride)
     ]
     summed = torch.zeros(1, 1, ph, pw, device=device)
-    counts = torch.zeros(1, 1, ph, pw, device=device)
     for i in range(0, len(corners), batch_size):
         chunk = corners[i : i + batch_size]
         windows = torch.cat([padded[..., t : t + window, s : s + window] for t, s in chunk])
@@ -156,8 +155,17 @@ def _sliding_window(
             probs = torch.sigmoid(forward(model, windows).float())
         for (top, left), prob in zip(chunk, probs, strict=True):
             summed[0, :, top : top + window, left : left + window] += prob
-            counts[0, :, top : top + window, left : left + window] += 1
-    return (summed / counts)[:, :, :h, :w]
+    # How many windows cover a pixel depends on the geometry alone: rows times columns.
+    counts = torch.outer(_coverage(ph, window, stride), _coverage(pw, window, stride))
+    return (summed / counts.to(device))[:, :, :h, :w]
+
+
+def _coverage(size: int, window: int, stride: int) -> torch.Tensor:
+    """How many windows every ``stride`` pixels cover each position along one axis."""
+    cover = torch.zeros(size)
+    for start in range(0, size - window + 1, stride):
+        cover[start : start + window] += 1
+    return cover
 
 
 @torch.no_grad()
