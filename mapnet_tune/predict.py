@@ -21,10 +21,6 @@ from mapnet_tune.errors import UserError
 from mapnet_tune.names import CHECKPOINT_ARTIFACT, MODEL_FORMAT_TAG, SERVABLE_FORMAT
 from mapnet_tune.predictor import Predictor
 
-#: How ``predict`` writes probability maps: 8-bit PNG (probability x 255, for viewing) or
-#: float32 TIFF (the exact probabilities, for analysis).
-PROB_FORMATS = ("png", "tiff")
-
 
 def load_predictor(
     ref: str, tracking_uri: str | None = None, device: str | None = None
@@ -104,7 +100,8 @@ def predict_files(
             (float32 probabilities), and ``<stem>_mask.png`` (0 or 255) per image.
         tta: Average over flips (identity, horizontal, vertical, both).
         batch_size: Images per forward pass.
-        prob_format: One of :data:`PROB_FORMATS`.
+        prob_format: ``png`` (8-bit, probability x 255, for viewing) or ``tiff`` (float32,
+            the exact probabilities, for analysis).
         tracking_uri: The MLflow store for registry URIs.
         device: torch device; default CUDA when present.
 
