@@ -51,6 +51,9 @@ class Worker:
             if k not in ("MLFLOW_TRACKING_URI", "MAPNET_TUNE_STORAGE")
         }
         env["MAPNET_TUNE_CACHE"] = str(workdir / "cache")
+        # Two workers on one machine, each with its share of the cores, as docs/deploy.md
+        # advises: a thread per core in each made every step wait on the other's threads.
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // 2))
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [
@@ -74,7 +77,7 @@ class Worker:
                 stderr=subprocess.STDOUT,
             )
 
-    def finish(self, timeout: float = 150) -> str:
+    def finish(self, timeout: float = 300) -> str:
         """Wait for a successful exit; returns the output."""
         try:
             code = self.proc.wait(timeout=timeout)
@@ -121,7 +124,7 @@ def test_killed_worker_trial_is_failed_and_retried(servers, tmp_path):
     storage, server = servers
     cfg = write_study(tmp_path / "long.yaml", train={"epochs": 10})
     first = Worker(tmp_path, cfg, "kill", 2, storage, server.url)
-    lost = until(lambda: running_trial(storage, "kill"), 90, "a trial mid-training")
+    lost = until(lambda: running_trial(storage, "kill"), 180, "a trial mid-training")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
 
@@ -183,7 +186,7 @@ def test_tracking_outage_mid_trial(new_database, tmp_path):
     try:
         cfg = write_study(tmp_path / "long.yaml", train={"epochs": 10})
         worker = Worker(tmp_path, cfg, "outage", 2, storage, server.url)
-        trial = until(lambda: running_trial(storage, "outage"), 90, "a trial mid-training")
+        trial = until(lambda: running_trial(storage, "outage"), 180, "a trial mid-training")
         server.stop()
         # The trial's result reaches Optuna while the server is down.
         until(

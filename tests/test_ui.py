@@ -136,7 +136,7 @@ def test_progress_is_plain_lines_with_rate_and_eta_off_a_terminal(workdir, cli, 
     assert result.exit_code == 0, result.output
     out = result.output
     if not _has_cuda():
-        assert "training on the CPU: no CUDA GPU is visible" in out
+        assert "training on the CPU with " in out and "no CUDA GPU is visible" in out
     assert re.search(r"t0000 epoch 1/2: 4/8 images \(50%\) \[.*image/s\]", out)
     assert re.search(r"t0000: about [\d:]+ per trial on (cpu|cuda)", out)
     # The second trial's lines estimate the time to the requested trials.

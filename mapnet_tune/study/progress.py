@@ -78,9 +78,11 @@ class Progress:
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.line(f"training on {device} ({torch.cuda.get_device_name(index)})")
         elif device.type == "cpu":
+            threads = torch.get_num_threads()
             self.line(
-                "training on the CPU: no CUDA GPU is visible (pass --device cuda:N, or check "
-                "CUDA_VISIBLE_DEVICES); real datasets take hours per trial here"
+                f"training on the CPU with {threads} thread{'s' if threads > 1 else ''}: no CUDA "
+                "GPU is visible (pass --device cuda:N, or check CUDA_VISIBLE_DEVICES); real "
+                "datasets take hours per trial here"
             )
         else:
             self.line(f"training on {device}")

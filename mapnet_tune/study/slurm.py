@@ -74,7 +74,7 @@ def submit_search(req: SearchRequest, sub: Submission) -> optuna.Study | None:
     tracking_uri = resolve_tracking_uri(req.tracking_uri)
     tasks = [WorkerTask(_shareable(req, first=i == 0), sub.requeue) for i in range(sub.workers)]
     executor = _executor(sub, req.study_name)
-    env = {STORAGE_ENV: req.storage, TRACKING_ENV: tracking_uri}
+    env = {STORAGE_ENV: req.storage, TRACKING_ENV: tracking_uri, **_thread_share(sub)}
     local_log = Path(executor.folder) / "local-workers.log" if sub.executor == "local" else None
     try:
         # submitit prints sbatch's complaint as well as raising it; the error says it once.
@@ -190,6 +190,20 @@ def _executor(sub: Submission, study_name: str) -> submitit.Executor:
         additional_parameters={**extra, **sub.options},
     )
     return executor
+
+
+def _thread_share(sub: Submission) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for local workers that train on this machine's CPUs.
+
+    Each PyTorch process otherwise starts a thread per core; two workers on two cores then
+    wait on each other's spinning threads, and a small study took seven times as long
+    (docs/benchmarks.md, "Search workers sharing one CPU"). A value the user exported wins;
+    SLURM tasks get their CPUs from the scheduler (docs/deploy.md), and GPU workers barely
+    use theirs.
+    """
+    if sub.executor != "local" or sub.gpus_per_worker or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // sub.workers))}
 
 
 @contextlib.contextmanager
