@@ -1,7 +1,9 @@
 """The study's plots as PNG files: optimisation history, parameter importances, coordinates.
 
 The report writes them all; the search logs the first two to the study's parent run when
-the study completes.
+the study completes. The history shows only the trials this study ran: trials copied in by
+``search --warm-start`` would start its best-so-far line at the earlier study's best. The
+importances and coordinates keep them, since they describe the same objective.
 """
 
 from __future__ import annotations
@@ -20,11 +22,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
+from mapnet_tune.storage import is_warm_start  # noqa: E402
+
 STUDY_PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
     "optimization_history": optuna_plots.plot_optimization_history,
     "param_importances": optuna_plots.plot_param_importances,
     "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
 }
+#: The plots drawn from the study's own trials only (see :func:`own_trials`).
+OWN_TRIALS_ONLY = frozenset({"optimization_history"})
+
+
+def own_trials(study: optuna.Study) -> optuna.Study:
+    """``study`` without the trials ``search --warm-start`` copied into it, in memory.
+
+    The study itself when it has no copies.
+    """
+    trials = study.get_trials(deepcopy=False)
+    if not any(map(is_warm_start, trials)):
+        return study
+    own = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    own.add_trials([t for t in trials if not is_warm_start(t)])
+    return own
 
 
 def study_plots(
@@ -37,13 +56,15 @@ def study_plots(
         completed trials) adds a line to ``notes`` instead.
     """
     written = []
+    own = own_trials(study)
+    copies = len(study.get_trials(deepcopy=False)) - len(own.get_trials(deepcopy=False))
     for name in names:
         with warnings.catch_warnings():
             # The matplotlib backend is marked experimental, and small studies warn that
             # importances are uncertain; the figures are still what we want.
             warnings.simplefilter("ignore")
             try:
-                axes = STUDY_PLOTS[name](study)
+                axes = STUDY_PLOTS[name](own if name in OWN_TRIALS_ONLY else study)
             except (ValueError, RuntimeError) as exc:
                 notes.append(f"no {name.replace('_', ' ')} plot: {exc}")
                 continue
@@ -51,4 +72,9 @@ def study_plots(
         figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
         written.append(f"{name}.png")
+        if copies and name in OWN_TRIALS_ONLY:
+            notes.append(
+                f"the {name.replace('_', ' ')} plot leaves out the {copies} trial(s) copied by "
+                "--warm-start"
+            )
     return written

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from mapnet_tune.config import load_study
 from mapnet_tune.errors import UserError
+from mapnet_tune.plots import own_trials
 from mapnet_tune.recipe import suggest
 from mapnet_tune.storage import WARM_START_ATTR, finished_here, ranked_trials
 from mapnet_tune.study.request import SearchRequest
@@ -166,6 +167,13 @@ def test_warm_start_end_to_end(workdir, cli):
     status = cli("status", "--study", "new")
     assert "study new: 1 complete" in status.output
     assert "warm start: 2 finished trial(s) copied from old (not counted above)" in status.output
+
+    # The report's history is the new study's own search; the copies stay in the storage.
+    assert [t.value for t in own_trials(new).trials] == [own[0].value]
+    report = cli("report", "--study", "new")
+    assert report.exit_code == 0, report.output
+    note = "the optimization history plot leaves out the 2 trial(s) copied by --warm-start"
+    assert note in (workdir / "reports" / "new" / "report.md").read_text()
 
     # Resuming copies nothing again; another warm start of an existing study is refused.
     again = cli(
