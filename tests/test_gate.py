@@ -3,6 +3,8 @@ of a champion from another basis, the sealed test split and an honestly chosen t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import optuna
 import pytest
@@ -176,6 +178,35 @@ def test_a_champion_from_another_study_is_rerun_on_the_current_folds(workdir, cl
     assert result.exit_code == 0, result.output
     row = result.output.strip().splitlines()[-1].split()
     assert row[-2] == f"{float(new.tags['metric.test/iou']):.4f}"
+
+    # The re-run's numbers stay on the champion's version: on the same folds again, they are
+    # compared without training the champion a second time, even with --gate refuse.
+    aliases = client.get_registered_model(MODEL).aliases
+    assert aliases["champion"] == 1  # the tiny models tie within CV noise
+    recorded = json.loads(
+        client.get_model_version(MODEL, "1").tags[f"selection.rerun.{new.tags['selection.digest']}"]
+    )
+    assert recorded["run"] == rerun.info.run_id and len(recorded["folds"]) == 2
+    result = cli(
+        "retrain-best",
+        "--study",
+        "b",
+        "--top-k",
+        1,
+        "--folds",
+        2,
+        "--force",
+        "--gate",
+        "refuse",
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        f"its numbers re-run on the current folds are reused ({rerun.info.run_id})" in result.output
+    )
+    decision = next(line for line in result.output.splitlines() if "registered as" in line)
+    assert "paired val/iou difference" in decision
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert [r.data.tags.get("mapnet_tune.role") for r in runs].count("retrain-champion") == 1
 
     # --gate refuse: another selection mode (the val split) is not compared at all.
     aliases = client.get_registered_model(MODEL).aliases

@@ -120,10 +120,7 @@ def gate(
         return decide_champion(new, held, plan.selection, plan.maximize)
     if rival is not None and rival.version == champion.version and rival.standing is not None:
         moves, why = decide_champion(new, rival.standing, plan.selection, plan.maximize)
-        return moves, (
-            f"{rival.mismatch()}: its candidate {rival.candidate.tag} was re-run on the current "
-            f"folds as one more candidate; {why}"
-        )
+        return moves, f"{rival.mismatch()}: {rival.compared()}; {why}"
     mismatch = rival.mismatch() if rival is not None else "the selection digest differs"
     refused = rival.refused if rival is not None else "its candidate was not re-run"
     return False, (

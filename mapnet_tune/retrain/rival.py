@@ -5,6 +5,9 @@ dataset options or another selection mode has numbers that say nothing about the
 folds. By default its own (trial, recipe) is rebuilt from what its version records and
 validated again on the current folds, as one more candidate that cannot be registered; with
 ``--gate refuse``, or when it cannot be rebuilt, the champion stays and the command says why.
+
+A re-run's numbers go on the champion's version, one tag per selection digest, so that later
+commands on the same folds compare against them instead of training the champion again.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from mapnet_tune.retrain.selection import Standing, training_digest
 from mapnet_tune.storage import load_existing_study
 from mapnet_tune.tracking import ModelVersionInfo, Tracker
 
+#: Prefix of the version tag holding a re-run's numbers; the selection digest follows.
+RERUN_TAG_PREFIX = "selection.rerun."
+
 
 @dataclass
 class Rival:
@@ -43,6 +49,7 @@ class Rival:
         candidate: Its (trial, recipe) rebuilt for the current folds; None when not re-run.
         refused: Why it is not re-run (``--gate refuse``, or what is missing to rebuild it).
         standing: Its numbers on the current folds, once re-run.
+        recorded_run: The run of an earlier re-run on these folds whose numbers are reused.
     """
 
     version: str
@@ -50,6 +57,7 @@ class Rival:
     candidate: Candidate | None = None
     refused: str = ""
     standing: Standing | None = None
+    recorded_run: str = ""
 
     def mismatch(self) -> str:
         """``the selection digest differs from version 2's (folds, seed)``."""
@@ -57,6 +65,23 @@ class Rival:
             f"the selection digest differs from version {self.version}'s "
             f"({', '.join(self.differs) or 'it records no selection basis'})"
         )
+
+    def compared(self) -> str:
+        """How its numbers on the current folds were had, in words."""
+        if self.candidate is not None:
+            return (
+                f"its candidate {self.candidate.tag} was re-run on the current folds as one more "
+                "candidate"
+            )
+        return f"its numbers from an earlier re-run on the current folds ({self.recorded_run})"
+
+    def not_run(self) -> str:
+        """The gate's line when the champion is not re-run now: numbers reused, or why not."""
+        if self.recorded_run:
+            how = f"its numbers re-run on the current folds are reused ({self.recorded_run})"
+        else:
+            how = f"{self.refused}: it is not compared"
+        return f"gate: {self.mismatch()}; {how}"
 
 
 def find_rival(plan: Plan, tracker: Tracker) -> Rival | None:
@@ -69,6 +94,13 @@ def find_rival(plan: Plan, tracker: Tracker) -> Rival | None:
     except (KeyError, ValueError):
         parts = None  # registered before versions recorded their basis
     rival = Rival(champion.version, plan.basis.differences(parts) if parts else [])
+    recorded = champion.tags.get(RERUN_TAG_PREFIX + plan.basis.digest())
+    if recorded is not None:
+        # Numbers measured on this very basis: comparing them is like with like, refused or not.
+        numbers = json.loads(recorded)
+        rival.standing = Standing(champion.version, numbers["value"], tuple(numbers["folds"]))
+        rival.recorded_run = numbers["run"]
+        return rival
     if plan.request.gate == "refuse":
         rival.refused = "--gate refuse was given"
         return rival
@@ -77,6 +109,15 @@ def find_rival(plan: Plan, tracker: Tracker) -> Rival | None:
     except UserError as exc:
         rival.refused = f"its candidate cannot be re-run: {exc}"
     return rival
+
+
+def record_rerun(tracker: Tracker, plan: Plan, rival: Rival, cand: Candidate) -> None:
+    """The numbers of ``rival``'s re-run ``cand``: on ``rival``, and on the champion's version
+    under the plan's digest."""
+    rival.standing = Standing.read(rival.version, cand.validation, plan.selection, plan.folds)
+    numbers = {"value": rival.standing.value, "folds": rival.standing.folds, "run": cand.run_id}
+    tag = {RERUN_TAG_PREFIX + plan.basis.digest(): json.dumps(numbers)}
+    tracker.set_version_tags(plan.model_name, rival.version, tag)
 
 
 def rebuild(plan: Plan, champion: ModelVersionInfo) -> Candidate:

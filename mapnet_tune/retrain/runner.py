@@ -48,8 +48,8 @@ from mapnet_tune.retrain.plan import (
     train_and_val,
 )
 from mapnet_tune.retrain.register import make_card, predict_command, register
-from mapnet_tune.retrain.rival import Rival, find_rival
-from mapnet_tune.retrain.selection import Standing, choose_threshold, fold_key
+from mapnet_tune.retrain.rival import Rival, find_rival, record_rerun
+from mapnet_tune.retrain.selection import choose_threshold, fold_key
 from mapnet_tune.retrain.tables import registered_table, test_key, validation_table
 from mapnet_tune.tracking import Tracker, git_sha
 
@@ -217,7 +217,7 @@ class Runner:
         if rival is None:
             return None
         if rival.candidate is None:
-            lines.append(f"gate: {rival.mismatch()}; {rival.refused}: it is not compared")
+            lines.append(rival.not_run())
             say(lines[-1])
             return rival
         cand = rival.candidate
@@ -236,7 +236,7 @@ class Runner:
             cand.run_id,
             f"version {rival.version} (the champion) re-run on the current folds; not registered",
         )
-        rival.standing = Standing.read(rival.version, cand.validation, plan.selection, plan.folds)
+        record_rerun(self.tracker, plan, rival, cand)
         lines.append(validation_table(plan, [cand]) + f" (champion version {rival.version})")
         return rival
 
