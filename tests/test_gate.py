@@ -187,18 +187,8 @@ def test_a_champion_from_another_study_is_rerun_on_the_current_folds(workdir, cl
         client.get_model_version(MODEL, "1").tags[f"selection.rerun.{new.tags['selection.digest']}"]
     )
     assert recorded["run"] == rerun.info.run_id and len(recorded["folds"]) == 2
-    result = cli(
-        "retrain-best",
-        "--study",
-        "b",
-        "--top-k",
-        1,
-        "--folds",
-        2,
-        "--force",
-        "--gate",
-        "refuse",
-    )
+    same_folds = ("--study", "b", "--top-k", 1, "--folds", 2, "--force", "--gate", "refuse")
+    result = cli("retrain-best", *same_folds)
     assert result.exit_code == 0, result.output
     assert (
         f"its numbers re-run on the current folds are reused ({rerun.info.run_id})" in result.output
