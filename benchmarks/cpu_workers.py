@@ -6,8 +6,9 @@ other process holds. ``mapnet-tune search --executor local --workers N`` gives e
 ``OMP_NUM_THREADS`` = cores / N unless the user exported it; this measures what that buys.
 
 Each row is one real ``mapnet-tune search`` command, timed end to end (start-up included),
-against a journal-file Optuna storage and a real ``mlflow server`` on SQLite, in a fresh
-working directory, on the shipped synthetic study shrunk to ``SHRINK``:
+against a journal-file Optuna storage and a real ``mlflow server`` on SQLite (the tests'
+``MlflowServer``, importable from a ``make setup`` checkout), in a fresh working directory,
+on the shipped synthetic study shrunk to ``SHRINK``:
 
     1 worker          plain ``search``, one process with every core;
     2 workers, all    ``--executor local --workers 2 --wait`` with OMP_NUM_THREADS = cores;
@@ -18,23 +19,21 @@ Usage:
 """
 
 import argparse
-import contextlib
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from study import REPO, Shrink, write_study_file
 from throughput import report_header
+
+from tests.conftest import MlflowServer
 
 BIN = Path(sys.executable).parent
 SHRINK = Shrink(width=0.125, epochs=2, steps_per_epoch=4)
@@ -44,36 +43,6 @@ MODES = (
     ("2 workers, all cores each", ("--executor", "local", "--workers", "2", "--wait"), "all"),
     ("2 workers, a share each", ("--executor", "local", "--workers", "2", "--wait"), None),
 )
-
-
-@contextlib.contextmanager
-def tracking_server(folder: Path) -> Iterator[str]:
-    """``mlflow server`` on an SQLite file under ``folder``; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--workers", "1"]
-    argv += ["--artifacts-destination", str(folder / "mlartifacts")]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(folder / "mlflow-server.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(url + "/health", timeout=2),
-            ):
-                break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"mlflow server did not start: see {folder}/mlflow-server.log")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
 
 
 def timed_search(
@@ -103,16 +72,20 @@ def run(trials: int, repeats: int) -> list[tuple[str, str, list[float]]]:
         folder = Path(tmp)
         study = folder / "study.yaml"
         write_study_file(REPO / "studies" / "synthetic.yaml", study, SHRINK)
-        # One untimed trial prepares the dataset cache that every run then shares.
-        with tracking_server(folder) as url:
-            timed_search(folder, study, "warm-up", 1, url, (), None)
+        server = MlflowServer(f"sqlite:///{folder / 'mlflow.db'}", folder)
+        server.start()
+        try:
+            # One untimed trial prepares the dataset cache that every run then shares.
+            timed_search(folder, study, "warm-up", 1, server.url, (), None)
             for repeat in range(repeats):
                 for i, (label, extra, omp) in enumerate(MODES):
                     threads = str(cores) if omp == "all" else omp
                     name = f"r{repeat}-m{i}"
                     times[label].append(
-                        timed_search(folder, study, name, trials, url, extra, threads)
+                        timed_search(folder, study, name, trials, server.url, extra, threads)
                     )
+        finally:
+            server.stop()
     share = max(1, cores // 2)
     threads = {MODES[0][0]: str(cores), MODES[1][0]: str(cores), MODES[2][0]: str(share)}
     return [(label, threads[label], times[label]) for label, _, _ in MODES]

@@ -23,6 +23,7 @@ import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from mapnet_tune.storage import is_warm_start  # noqa: E402
+from mapnet_tune.tracking.runs import quiet  # noqa: E402
 
 STUDY_PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
     "optimization_history": optuna_plots.plot_optimization_history,
@@ -41,7 +42,8 @@ def own_trials(study: optuna.Study) -> optuna.Study:
     trials = study.get_trials(deepcopy=False)
     if not any(map(is_warm_start, trials)):
         return study
-    own = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    with quiet("optuna"):  # a view, not a study of the user's: no "new study created" line
+        own = optuna.create_study(study_name=study.study_name, directions=study.directions)
     own.add_trials([t for t in trials if not is_warm_start(t)])
     return own
 
@@ -57,7 +59,7 @@ def study_plots(
     """
     written = []
     own = own_trials(study)
-    copies = len(study.get_trials(deepcopy=False)) - len(own.get_trials(deepcopy=False))
+    copies = sum(map(is_warm_start, study.get_trials(deepcopy=False)))
     for name in names:
         with warnings.catch_warnings():
             # The matplotlib backend is marked experimental, and small studies warn that

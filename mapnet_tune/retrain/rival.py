@@ -67,20 +67,17 @@ class Rival:
         )
 
     def compared(self) -> str:
-        """How its numbers on the current folds were had, in words."""
+        """Where its numbers on the current folds come from, in words."""
         if self.candidate is not None:
             return (
                 f"its candidate {self.candidate.tag} was re-run on the current folds as one more "
                 "candidate"
             )
-        return f"its numbers from an earlier re-run on the current folds ({self.recorded_run})"
+        return f"its numbers re-run on the current folds are reused ({self.recorded_run})"
 
     def not_run(self) -> str:
         """The gate's line when the champion is not re-run now: numbers reused, or why not."""
-        if self.recorded_run:
-            how = f"its numbers re-run on the current folds are reused ({self.recorded_run})"
-        else:
-            how = f"{self.refused}: it is not compared"
+        how = self.compared() if self.recorded_run else f"{self.refused}: it is not compared"
         return f"gate: {self.mismatch()}; {how}"
 
 
